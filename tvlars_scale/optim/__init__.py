@@ -1,0 +1,22 @@
+"""Layer-wise optimizers for very large batches: TVLARS, LARS, LAMB (sharding-aware)."""
+
+from . import schedules
+from .lamb import LAMB
+from .lars import LARS
+from .layerwise import Piece, ShardedLayout, TensorLayout
+from .registry import OPTIMIZERS, build_optimizer, layerwise_param_groups, register_with_timm
+from .tvlars import TVLARS
+
+__all__ = [
+    "LAMB",
+    "LARS",
+    "OPTIMIZERS",
+    "TVLARS",
+    "Piece",
+    "ShardedLayout",
+    "TensorLayout",
+    "build_optimizer",
+    "layerwise_param_groups",
+    "register_with_timm",
+    "schedules",
+]

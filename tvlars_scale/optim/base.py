@@ -1,0 +1,273 @@
+"""Machinery shared by the layer-wise optimizers: buckets of pieces, state, one norm reduction, dispatch.
+
+A ``step()`` call runs in two phases around :func:`~tvlars_scale.optim.layerwise.layer_norms`:
+
+1. per bucket (tensors of one group that share the adaptation flag and the step count), the algorithm
+   computes its update direction; the norms of the weights and of the trust-ratio denominator are taken
+   per piece;
+2. the per-layer norms (reduced over ranks when sharded) give one trust ratio per layer, gathered back
+   to one 0-dim tensor per piece, and the algorithm applies the update.
+
+Without a bound :class:`~tvlars_scale.optim.layerwise.ShardedLayout` every parameter is one layer and
+one piece. With one, the optimizer steps DeepSpeed's flat partitions as pieces of named layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim import Optimizer
+
+from .functional import FOREACH, LOOP
+from .layerwise import ShardedLayout, layer_norms
+
+__all__ = ["LayerwiseOptimizer"]
+
+
+@dataclass
+class _Bucket:
+    group: dict
+    adapted: bool
+    step_offset: int
+    params: list[torch.Tensor] = field(default_factory=list)
+    spans: list[tuple[int, int] | None] = field(
+        default_factory=list
+    )  # (start, numel); None = whole
+    layer_positions: list[int] = field(
+        default_factory=list
+    )  # index of each piece's layer in the call
+    names: list[str] = field(default_factory=list)
+    layer_index: torch.Tensor | None = None  # layer_positions on the device, built once
+
+    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pieces of ``tensors`` (one per param, same shapes) that this rank steps."""
+        return [
+            t if span is None else t.view(-1).narrow(0, span[0], span[1])
+            for t, span in zip(tensors, self.spans, strict=True)
+        ]
+
+
+@dataclass
+class _Plan:
+    buckets: list[_Bucket]
+    num_layers: int
+    piece_to_layer: torch.Tensor | None  # None: pieces are whole layers, nothing to reduce
+
+
+@dataclass
+class LayerStats:
+    """One step call's per-layer statistics, kept as device tensors (no host sync to record them)."""
+
+    names: list[str]
+    weight_norm: torch.Tensor
+    update_norm: torch.Tensor
+    trust_ratio: torch.Tensor
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Base class: subclasses define ``_buffers``, ``_direction``, ``_trust`` and ``_apply``."""
+
+    _buffers: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, foreach: bool | None) -> None:
+        defaults = {"adapt": True, "exclude_1d": True, **defaults}
+        self._constructed = (
+            set()
+        )  # ids of the tensors we were given, to recognise ZeRO's flat partitions
+        super().__init__(params, defaults)
+        self.foreach = foreach
+        self._layout: ShardedLayout | None = None
+        self._plans: dict = {}
+        self.telemetry: dict[tuple[str, ...], LayerStats] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._constructed.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def bind_layout(self, layout: ShardedLayout | None) -> None:
+        """Step sharded tensors as pieces of whole layers (see ``tvlars_scale.optim.zero_layout``)."""
+        self._layout = layout
+        self._plans.clear()
+
+    # --- algorithm hooks ---------------------------------------------------------------------------
+    def _direction(
+        self, group, ops, w, g, states, weight_decay, step
+    ):  # pragma: no cover - abstract
+        """Return ``(d, x)``: the update direction and the tensors whose norms enter the trust ratio."""
+        raise NotImplementedError
+
+    def _trust(self, group, weight_norm, update_norm, step) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _apply(self, group, ops, w, d, states, trust, step) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- step --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan, base_step = self._plan()
+        if plan is None:
+            return loss
+        ops = self._ops()
+
+        pending, weight_piece_norms, update_piece_norms = [], [], []
+        for bucket in plan.buckets:
+            step = base_step + bucket.step_offset
+            states = {
+                k: bucket.views([self.state[p][k] for p in bucket.params]) for k in self._buffers
+            }
+            w = bucket.views(bucket.params)
+            g = bucket.views([p.grad for p in bucket.params])
+            weight_decay = bucket.group["weight_decay"] if bucket.adapted else 0.0
+            d, x = self._direction(bucket.group, ops, w, g, states, weight_decay, step)
+            weight_piece_norms += ops.norm(w)
+            update_piece_norms += ops.norm(x)
+            pending.append((bucket, step, w, d, states))
+
+        weight_norm, update_norm = layer_norms(
+            weight_piece_norms,
+            update_piece_norms,
+            plan.piece_to_layer,
+            plan.num_layers,
+            None if self._layout is None else self._layout.process_group,
+        )
+
+        for bucket, step, w, d, states in pending:
+            bucket_weight_norm = weight_norm.index_select(0, bucket.layer_index)
+            bucket_update_norm = update_norm.index_select(0, bucket.layer_index)
+            if bucket.adapted:
+                trust = self._trust(bucket.group, bucket_weight_norm, bucket_update_norm, step)
+            else:
+                trust = torch.ones_like(bucket_weight_norm)
+            self._apply(bucket.group, ops, w, d, states, list(trust.unbind(0)), step)
+            for p in bucket.params:
+                self.state[p]["step"] = step + 1
+            self.telemetry[tuple(bucket.names)] = LayerStats(
+                bucket.names, bucket_weight_norm, bucket_update_norm, trust
+            )
+        return loss
+
+    def layer_stats(self) -> dict[str, dict[str, float]]:
+        """The last step's per-layer norms and trust ratios, by layer name."""
+        stats: dict[str, dict[str, float]] = {}
+        for record in self.telemetry.values():
+            # host sync: copies the recorded device tensors to the host; call it only when logging.
+            values = torch.stack(
+                [record.weight_norm, record.update_norm, record.trust_ratio]
+            ).tolist()
+            for name, w, u, t in zip(record.names, *values, strict=True):
+                stats[name] = {"weight_norm": w, "update_norm": u, "trust_ratio": t}
+        return stats
+
+    # --- planning ----------------------------------------------------------------------------------
+    def _ops(self):
+        if self.foreach is not None:
+            return FOREACH if self.foreach else LOOP
+        # torch.optim keeps CPU tensors on the per-tensor loop to bound peak memory. Here both paths
+        # hold every direction d across the norm reduction anyway, so the multi-tensor path costs no
+        # extra memory, and on the CPU it is a C++ loop that beats the Python one.
+        return FOREACH
+
+    def _plan(self) -> tuple[_Plan | None, int]:
+        """Group this call's tensors into buckets of pieces; cached while the call's shape is stable."""
+        entries = []
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                    for key in self._buffers:
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                entries.append((group_index, p, state["step"]))
+        if not entries:
+            return None, 0
+        base_step = min(step for _, _, step in entries)
+        key = (id(self._layout), tuple((id(p), step - base_step) for _, p, step in entries))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._build_plan(entries, base_step)
+            self._plans = {key: plan}  # keep one: shapes change rarely, ids must not pile up
+        return plan, base_step
+
+    def _build_plan(self, entries, base_step: int) -> _Plan:
+        layout = self._layout
+        buckets: dict[tuple, _Bucket] = {}
+        call_layers: dict[int, int] = {}  # global layer id -> position in this call's norm vector
+        for group_index, p, step in entries:
+            group = self.param_groups[group_index]
+            pieces = self._pieces(p, group_index, group, layout)
+            if layout is not None:
+                for layer in layout.of(p).layers:
+                    call_layers.setdefault(layer, len(call_layers))
+            for layer, name, shape, span in pieces:
+                position = call_layers.setdefault(layer, len(call_layers))
+                adapted = group["adapt"] and not (group["exclude_1d"] and len(shape) <= 1)
+                bucket = buckets.setdefault(
+                    (group_index, adapted, step - base_step),
+                    _Bucket(group, adapted, step - base_step),
+                )
+                bucket.params.append(p)
+                bucket.spans.append(span)
+                bucket.layer_positions.append(position)
+                bucket.names.append(name)
+        ordered = list(buckets.values())
+        sharded = layout is not None
+        if not sharded:
+            # Whole tensors are layers: number them in the order their norms are stacked.
+            positions = iter(range(len(entries)))
+            for bucket in ordered:
+                bucket.layer_positions = [next(positions) for _ in bucket.params]
+        device = entries[0][1].device
+        piece_to_layer: list[int] = []
+        for bucket in ordered:
+            bucket.layer_index = torch.tensor(
+                bucket.layer_positions, dtype=torch.long, device=device
+            )
+            piece_to_layer += bucket.layer_positions
+        return _Plan(
+            buckets=ordered,
+            num_layers=len(call_layers),
+            piece_to_layer=(
+                torch.tensor(piece_to_layer, dtype=torch.long, device=device) if sharded else None
+            ),
+        )
+
+    def _pieces(self, p, group_index, group, layout):
+        """``(layer id, name, original shape, span)`` for each piece of ``p`` this rank holds."""
+        if layout is None:
+            if id(p) not in self._constructed:
+                raise RuntimeError(
+                    f"{type(self).__name__} is stepping a tensor it was not constructed with (a DeepSpeed "
+                    "ZeRO flat partition?) and no layout describes it: per-layer norms of a shard would "
+                    "be silently wrong. Call tvlars_scale.optim.bind_zero(engine) after "
+                    "accelerator.prepare() / deepspeed.initialize()."
+                )
+            names = group.get("param_names")
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            name = names[index] if names else f"group{group_index}.param{index}"
+            return [(id(p), name, tuple(p.shape), None)]
+        entry = layout.of(p)
+        if entry is None:
+            raise RuntimeError(
+                f"the bound layout does not describe a tensor of shape {tuple(p.shape)} in group "
+                f"{group_index}: rebind after the engine is built (tvlars_scale.optim.bind_zero)"
+            )
+        return [
+            (
+                piece.layer,
+                layout.layer_names[piece.layer],
+                layout.layer_shapes[piece.layer],
+                (piece.start, piece.numel),
+            )
+            for piece in entry.pieces
+        ]

@@ -1,0 +1,149 @@
+"""The optimizers' math on lists of tensors, written once and run by two executors.
+
+Each algorithm is split in two halves around the per-layer norm reduction:
+
+* ``*_direction`` computes, from weights ``w`` and gradients ``g``, the update direction ``d`` and the
+  tensors whose norm enters the trust ratio (its denominator);
+* ``*_apply`` applies the update given one 0-dim ``trust`` tensor per tensor (gathered by the optimizer
+  from the per-layer trust ratios, so no value ever travels to the host) and Python-float scalars.
+
+Every operation goes through an ``ops`` executor: :data:`FOREACH` calls ``torch._foreach_*`` (one
+dispatch per list, fused multi-tensor kernels where the device has them), :data:`LOOP` runs the same
+per-tensor op in Python. Both execute identical arithmetic in the same order, so the two paths agree.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+def _loop_ops() -> SimpleNamespace:
+    def add(xs, ys, alpha=1.0):
+        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
+
+    def add_(xs, ys, alpha=1.0):
+        for x, y in zip(xs, ys, strict=True):
+            x.add_(y, alpha=alpha)
+
+    def add_scalar_(xs, scalar):
+        for x in xs:
+            x.add_(scalar)
+
+    def mul_(xs, scalar):
+        for x in xs:
+            x.mul_(scalar)
+
+    def addcmul_(xs, ys, zs, value=1.0):
+        for x, y, z in zip(xs, ys, zs, strict=True):
+            x.addcmul_(y, z, value=value)
+
+    def div(xs, ys):
+        return [x.div(y) for x, y in zip(xs, ys, strict=True)]
+
+    def sqrt(xs):
+        return [x.sqrt() for x in xs]
+
+    def clone(xs):
+        return [x.clone() for x in xs]
+
+    def norm(xs):
+        return [torch.linalg.vector_norm(x) for x in xs]
+
+    return SimpleNamespace(
+        **{f.__name__: f for f in (add, add_, add_scalar_, mul_, addcmul_, div, sqrt, clone, norm)}
+    )
+
+
+LOOP = _loop_ops()
+FOREACH = SimpleNamespace(
+    add=torch._foreach_add,
+    add_=torch._foreach_add_,
+    add_scalar_=torch._foreach_add_,
+    mul_=torch._foreach_mul_,
+    addcmul_=torch._foreach_addcmul_,
+    div=torch._foreach_div,
+    sqrt=torch._foreach_sqrt,
+    clone=lambda xs: torch._foreach_mul(xs, 1.0),
+    norm=torch._foreach_norm,
+)
+
+
+def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float) -> Tensors:
+    """``d = g + weight_decay * w`` as new tensors (the caller's gradients stay untouched)."""
+    return ops.add(g, w, alpha=weight_decay) if weight_decay != 0.0 else ops.clone(g)
+
+
+# --- TVLARS, paper variant (Algorithm 1) -------------------------------------------------------------
+#   m_{t+1} = w_t - gamma_t d_t,   w_{t+1} = m_{t+1} + mu (m_{t+1} - m_t),   m_0 = w_0.
+# With v_t = m_t - m_{t-1} (v_0 = 0, so w_t = m_t + mu v_t) this is exactly
+#   v_{t+1} = mu v_t - gamma_t d_t,   w_{t+1} = w_t - gamma_t d_t + mu v_{t+1},
+# which updates w and v in place: no copy of m, no swap of buffers, one buffer of state.
+
+
+def tvlars_apply(
+    ops, w: Tensors, d: Tensors, velocity: Tensors, trust: Tensors, lr_phi: float, momentum: float
+) -> None:
+    """One TVLARS step with ``gamma = lr_phi * trust`` (``lr_phi = lr * phi_t``)."""
+    ops.mul_(velocity, momentum)
+    ops.addcmul_(velocity, d, trust, value=-lr_phi)
+    ops.addcmul_(w, d, trust, value=-lr_phi)
+    ops.add_(w, velocity, alpha=momentum)
+
+
+# --- Heavy-ball momentum on a scaled direction (TVLARS official code, LARS) ---------------------------
+#   buf = mu * buf + scale * d;   w -= lr * buf            (nesterov: w -= lr * (scale * d + mu * buf))
+
+
+def heavy_ball_apply(
+    ops,
+    w: Tensors,
+    d: Tensors,
+    buf: Tensors,
+    scale: Tensors,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    ops.mul_(buf, momentum)
+    ops.addcmul_(buf, d, scale)
+    if nesterov:
+        ops.addcmul_(w, d, scale, value=-lr)
+        ops.add_(w, buf, alpha=-lr * momentum)
+    else:
+        ops.add_(w, buf, alpha=-lr)
+
+
+# --- LAMB (pytorch-optimizer semantics: no bias correction) -------------------------------------------
+
+
+def lamb_direction(
+    ops,
+    w: Tensors,
+    g: Tensors,
+    exp_avg: Tensors,
+    exp_avg_sq: Tensors,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> Tensors:
+    """Updates the Adam moments in place and returns ``adam_step + weight_decay * w``."""
+    ops.mul_(exp_avg, beta1)
+    ops.add_(exp_avg, g, alpha=1.0 - beta1)
+    ops.mul_(exp_avg_sq, beta2)
+    ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
+    denom = ops.sqrt(exp_avg_sq)
+    ops.add_scalar_(denom, eps)
+    step = ops.div(exp_avg, denom)
+    if weight_decay != 0.0:
+        ops.add_(step, w, alpha=weight_decay)
+    return step
+
+
+def scaled_apply(ops, w: Tensors, d: Tensors, trust: Tensors, lr: float) -> None:
+    """``w -= lr * trust * d`` (LAMB's update)."""
+    ops.addcmul_(w, d, trust, value=-lr)

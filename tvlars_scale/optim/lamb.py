@@ -1,0 +1,77 @@
+"""LAMB as the paper's baseline (pytorch-optimizer semantics)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LayerwiseOptimizer
+from .functional import lamb_direction, scaled_apply
+from .tvlars import _check_nonnegative
+
+__all__ = ["LAMB"]
+
+
+class LAMB(LayerwiseOptimizer):
+    r"""Layer-wise Adaptive Moments (You et al. 2019), as pytorch-optimizer (jettify) implements it.
+
+    .. math::
+        \begin{aligned}
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        u &= \frac{m}{\sqrt{v} + \epsilon} + \lambda w, \qquad
+        \text{trust} = \frac{\min(\lVert w \rVert, c)}{\lVert u \rVert} \quad (1 \text{ if either is } 0) \\
+        w &\leftarrow w - \eta_0\, \text{trust}\, u
+        \end{aligned}
+
+    with :math:`c` = ``clamp_value``. As in pytorch-optimizer's default (``debias=False``, the paper's v3)
+    the moments are not bias-corrected. Excluded layers get trust 1 and no weight decay.
+    """
+
+    _buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        clamp_value: float = 10.0,
+        exclude_1d: bool = True,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value)
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            clamp_value=clamp_value,
+            exclude_1d=exclude_1d,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _direction(self, group, ops, w, g, states, weight_decay, step):
+        beta1, beta2 = group["betas"]
+        d = lamb_direction(
+            ops,
+            w,
+            g,
+            states["exp_avg"],
+            states["exp_avg_sq"],
+            beta1,
+            beta2,
+            group["eps"],
+            weight_decay,
+        )
+        return d, d
+
+    def _trust(self, group, weight_norm, update_norm, step):
+        weight_norm = weight_norm.clamp(0, group["clamp_value"])
+        ratio = weight_norm / update_norm
+        return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+
+    def _apply(self, group, ops, w, d, states, trust, step):
+        scaled_apply(ops, w, d, trust, group["lr"])

@@ -1,0 +1,84 @@
+"""LARS as the paper's baseline (Lightning Flash semantics)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import LayerwiseOptimizer
+from .functional import decayed_gradient, heavy_ball_apply
+from .tvlars import _check_nonnegative
+
+__all__ = ["LARS"]
+
+
+class LARS(LayerwiseOptimizer):
+    r"""Layer-wise Adaptive Rate Scaling (You et al. 2017), as Lightning Flash implements it.
+
+    .. math::
+        \begin{aligned}
+        \text{trust}^k &= \frac{\eta \lVert w^k \rVert}{\lVert g^k \rVert + \beta \lVert w^k \rVert
+            + \epsilon} \quad (1 \text{ if either norm is } 0) \\
+        b^k &\leftarrow \mu b^k + \text{trust}^k (g^k + \beta w^k), \qquad
+        w^k \leftarrow w^k - \eta_0\, b^k
+        \end{aligned}
+
+    (``nesterov=True``: :math:`w \leftarrow w - \eta_0 (\text{trust}\, d + \mu b)`). Pair it with a
+    schedule from :mod:`~tvlars_scale.optim.schedules` (the paper: 20 epochs linear warm-up then cosine,
+    or polynomial decay without warm-up).
+
+    .. note:: Flash skips the adaptation of every layer when ``weight_decay == 0``; here adaptation is
+        decided per layer (``adapt`` / ``exclude_1d``), independently of the weight decay. Excluded
+        layers get trust 1 and no weight decay. The first step's buffer is the scaled direction itself,
+        as in Flash (a zero buffer times ``momentum`` plus the direction).
+    """
+
+    _buffers = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        eta: float = 1e-3,
+        eps: float = 1e-8,
+        nesterov: bool = False,
+        exclude_1d: bool = True,
+        foreach: bool | None = None,
+    ) -> None:
+        _check_nonnegative(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps)
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            eps=eps,
+            nesterov=nesterov,
+            exclude_1d=exclude_1d,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _direction(self, group, ops, w, g, states, weight_decay, step):
+        return decayed_gradient(ops, w, g, weight_decay), g
+
+    def _trust(self, group, weight_norm, grad_norm, step):
+        ratio = (
+            group["eta"]
+            * weight_norm
+            / (grad_norm + group["weight_decay"] * weight_norm + group["eps"])
+        )
+        return torch.where((weight_norm > 0) & (grad_norm > 0), ratio, torch.ones_like(ratio))
+
+    def _apply(self, group, ops, w, d, states, trust, step):
+        heavy_ball_apply(
+            ops,
+            w,
+            d,
+            states["momentum_buffer"],
+            trust,
+            group["lr"],
+            group["momentum"],
+            group["nesterov"],
+        )

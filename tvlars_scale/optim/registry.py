@@ -1,0 +1,76 @@
+"""Parameter groups, a by-name factory, and registration with timm's optimizer factory."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+from torch.optim import Optimizer
+
+from .lamb import LAMB
+from .lars import LARS
+from .tvlars import TVLARS
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "layerwise_param_groups", "register_with_timm"]
+
+OPTIMIZERS = {
+    "tvlars": TVLARS,
+    "tvlars_official": partial(TVLARS, variant="official"),
+    "lars": LARS,
+    "lamb": LAMB,
+}
+
+
+def layerwise_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The usual two groups: weights of >= 2 dims are decayed and adapted; 1-D parameters and biases
+    (norm layers' affine, biases) get neither. Parameter names travel with the groups for telemetry."""
+    decay, no_decay = ([], []), ([], [])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        target = no_decay if param.ndim <= 1 or name.endswith(".bias") else decay
+        target[0].append(param)
+        target[1].append(name)
+    groups = [
+        {"params": decay[0], "param_names": decay[1], "weight_decay": weight_decay},
+        {"params": no_decay[0], "param_names": no_decay[1], "weight_decay": 0.0, "adapt": False},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(
+    name: str, model: nn.Module, lr: float, weight_decay: float, **kwargs
+) -> Optimizer:
+    """Build ``name`` (``tvlars``, ``tvlars_official``, ``lars`` or ``lamb``) over ``model``'s usual groups."""
+    try:
+        factory = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}") from None
+    return factory(
+        layerwise_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, **kwargs
+    )
+
+
+def register_with_timm() -> None:
+    """Make ``timm.optim.create_optimizer_v2(model, 'tvlars' | 'tvlars_official', ...)`` build ours."""
+    from timm.optim._optim_factory import OptimInfo, default_registry
+
+    if "tvlars" in default_registry._optimizers:
+        return
+    default_registry.register(
+        OptimInfo(
+            "tvlars", TVLARS, "Time-Varying LARS (paper variant)", has_eps=False, has_momentum=True
+        )
+    )
+    default_registry.register(
+        OptimInfo(
+            "tvlars_official",
+            OPTIMIZERS["tvlars_official"],
+            "Time-Varying LARS (authors' reference code)",
+            has_eps=False,
+            has_momentum=True,
+        )
+    )
+    # timm parses 'a_b' as option 'a' for optimizer 'b' ('lookahead_adam'), so 'tvlars_official'
+    # reaches the registry as 'official'.
+    default_registry.register_alias("official", "tvlars_official")
