@@ -29,7 +29,8 @@ __all__ = ["LayerwiseOptimizer"]
 @dataclass
 class _Bucket:
     group: dict
-    adapted: bool
+    adapted: bool  # trust ratio applied (else 1)
+    decayed: bool  # group weight decay applied (else 0)
     step_offset: int
     params: list[torch.Tensor] = field(default_factory=list)
     spans: list[tuple[int, int] | None] = field(
@@ -124,7 +125,7 @@ class LayerwiseOptimizer(Optimizer):
             }
             w = bucket.views(bucket.params)
             g = bucket.views([p.grad for p in bucket.params])
-            weight_decay = bucket.group["weight_decay"] if bucket.adapted else 0.0
+            weight_decay = bucket.group["weight_decay"] if bucket.decayed else 0.0
             d, x = self._direction(bucket.group, ops, w, g, states, weight_decay, step)
             weight_piece_norms += ops.norm(w)
             update_piece_norms += ops.norm(x)
@@ -211,10 +212,12 @@ class LayerwiseOptimizer(Optimizer):
                     call_layers.setdefault(layer, len(call_layers))
             for layer, name, shape, span in pieces:
                 position = call_layers.setdefault(layer, len(call_layers))
-                adapted = group["adapt"] and not (group["exclude_1d"] and len(shape) <= 1)
+                # The exclusion rule reads the layer's original shape, never a flat partition's.
+                excluded = group["exclude_1d"] and len(shape) <= 1
+                adapted = group["adapt"] and not excluded
                 bucket = buckets.setdefault(
-                    (group_index, adapted, step - base_step),
-                    _Bucket(group, adapted, step - base_step),
+                    (group_index, adapted, not excluded, step - base_step),
+                    _Bucket(group, adapted, not excluded, step - base_step),
                 )
                 bucket.params.append(p)
                 bucket.spans.append(span)
