@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         lmbda=1e-2,
         delay_steps=5 * steps_per_epoch,
     )
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         model.train()
         order = torch.randperm(len(y_train))
         for i in range(steps_per_epoch):
