@@ -6,6 +6,7 @@ from .lars import LARS
 from .layerwise import Piece, ShardedLayout, TensorLayout
 from .registry import OPTIMIZERS, build_optimizer, layerwise_param_groups, register_with_timm
 from .tvlars import TVLARS
+from .zero_layout import bind_zero
 
 __all__ = [
     "LAMB",
@@ -15,6 +16,7 @@ __all__ = [
     "Piece",
     "ShardedLayout",
     "TensorLayout",
+    "bind_zero",
     "build_optimizer",
     "layerwise_param_groups",
     "register_with_timm",
