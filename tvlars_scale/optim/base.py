@@ -14,6 +14,7 @@ one piece. With one, the optimizer steps DeepSpeed's flat partitions as pieces o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,10 @@ from .functional import FOREACH, LOOP
 from .layerwise import ShardedLayout, layer_norms
 
 __all__ = ["LayerwiseOptimizer"]
+
+# Elements per chunk on the CPU (16 MB of fp32 per tensor list): the best of 2^16..2^22 measured on
+# resnet50's parameters here (benchmarks/optimizer_step.py).
+CPU_CHUNK_NUMEL = 1 << 22
 
 
 @dataclass
@@ -40,14 +45,29 @@ class _Bucket:
         default_factory=list
     )  # index of each piece's layer in the call
     names: list[str] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
     layer_index: torch.Tensor | None = None  # layer_positions on the device, built once
+    chunk_cache: tuple | None = None
 
-    def views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The pieces of ``tensors`` (one per param, same shapes) that this rank steps."""
+    def views(self, tensors: list[torch.Tensor], chunk: slice) -> list[torch.Tensor]:
+        """The pieces of ``tensors`` (those of ``params[chunk]``) that this rank steps."""
         return [
             t if span is None else t.view(-1).narrow(0, span[0], span[1])
-            for t, span in zip(tensors, self.spans, strict=True)
+            for t, span in zip(tensors, self.spans[chunk], strict=True)
         ]
+
+    def chunks(self, max_numel: float) -> list[slice]:
+        """Consecutive runs of pieces of at most ``max_numel`` elements (a larger piece runs alone)."""
+        if self.chunk_cache is None or self.chunk_cache[0] != max_numel:
+            runs, begin, numel = [], 0, 0
+            for index, size in enumerate(self.numels):
+                if index > begin and numel + size > max_numel:
+                    runs.append(slice(begin, index))
+                    begin, numel = index, 0
+                numel += size
+            runs.append(slice(begin, len(self.numels)))
+            self.chunk_cache = (max_numel, runs)
+        return self.chunk_cache[1]
 
 
 @dataclass
@@ -115,44 +135,84 @@ class LayerwiseOptimizer(Optimizer):
         plan, base_step = self._plan()
         if plan is None:
             return loss
-        ops = self._ops()
+        ops, chunk_numel = self._execution(plan)
+        if plan.piece_to_layer is None:
+            self._step_whole_layers(plan, base_step, ops, chunk_numel)
+        else:
+            self._step_sharded(plan, base_step, ops, chunk_numel)
+        return loss
 
+    def _step_whole_layers(self, plan: _Plan, base_step: int, ops, chunk_numel: int) -> None:
+        """Every norm is local: finish each chunk of tensors while it is still in cache."""
+        for bucket in plan.buckets:
+            step = base_step + bucket.step_offset
+            norms = []
+            for chunk in bucket.chunks(chunk_numel):
+                w, g, states = self._tensors(bucket, chunk)
+                d, x = self._direction(bucket.group, ops, w, g, states, self._decay(bucket), step)
+                weight_norm, update_norm = layer_norms(ops.norm(w), ops.norm(x), None, len(w), None)
+                self._finish(bucket, ops, w, d, states, weight_norm, update_norm, step, norms)
+            self._record(bucket, step, *(torch.cat(parts) for parts in zip(*norms, strict=True)))
+
+    def _step_sharded(self, plan: _Plan, base_step: int, ops, chunk_numel: int) -> None:
+        """Directions and piece norms first, then one reduction for the whole call, then updates."""
         pending, weight_piece_norms, update_piece_norms = [], [], []
         for bucket in plan.buckets:
             step = base_step + bucket.step_offset
-            states = {
-                k: bucket.views([self.state[p][k] for p in bucket.params]) for k in self._buffers
-            }
-            w = bucket.views(bucket.params)
-            g = bucket.views([p.grad for p in bucket.params])
-            weight_decay = bucket.group["weight_decay"] if bucket.decayed else 0.0
-            d, x = self._direction(bucket.group, ops, w, g, states, weight_decay, step)
-            weight_piece_norms += ops.norm(w)
-            update_piece_norms += ops.norm(x)
-            pending.append((bucket, step, w, d, states))
-
+            for chunk in bucket.chunks(chunk_numel):
+                w, g, states = self._tensors(bucket, chunk)
+                d, x = self._direction(bucket.group, ops, w, g, states, self._decay(bucket), step)
+                weight_piece_norms += ops.norm(w)
+                update_piece_norms += ops.norm(x)
+                pending.append((bucket, chunk, step, w, d, states))
         weight_norm, update_norm = layer_norms(
             weight_piece_norms,
             update_piece_norms,
             plan.piece_to_layer,
             plan.num_layers,
-            None if self._layout is None else self._layout.process_group,
+            self._layout.process_group,
         )
-
-        for bucket, step, w, d, states in pending:
-            bucket_weight_norm = weight_norm.index_select(0, bucket.layer_index)
-            bucket_update_norm = update_norm.index_select(0, bucket.layer_index)
-            if bucket.adapted:
-                trust = self._trust(bucket.group, bucket_weight_norm, bucket_update_norm, step)
-            else:
-                trust = torch.ones_like(bucket_weight_norm)
-            self._apply(bucket.group, ops, w, d, states, list(trust.unbind(0)), step)
-            for p in bucket.params:
-                self.state[p]["step"] = step + 1
-            self.telemetry[tuple(bucket.names)] = LayerStats(
-                bucket.names, bucket_weight_norm, bucket_update_norm, trust
+        norms: dict[int, list] = {id(bucket): [] for bucket in plan.buckets}
+        for bucket, chunk, step, w, d, states in pending:
+            layers = bucket.layer_index[chunk]
+            self._finish(
+                bucket,
+                ops,
+                w,
+                d,
+                states,
+                weight_norm.index_select(0, layers),
+                update_norm.index_select(0, layers),
+                step,
+                norms[id(bucket)],
             )
-        return loss
+        for bucket in plan.buckets:
+            parts = zip(*norms[id(bucket)], strict=True)
+            self._record(bucket, base_step + bucket.step_offset, *(torch.cat(p) for p in parts))
+
+    def _tensors(self, bucket: _Bucket, chunk: slice):
+        params = bucket.params[chunk]
+        states = {k: bucket.views([self.state[p][k] for p in params], chunk) for k in self._buffers}
+        return bucket.views(params, chunk), bucket.views([p.grad for p in params], chunk), states
+
+    @staticmethod
+    def _decay(bucket: _Bucket) -> float:
+        return bucket.group["weight_decay"] if bucket.decayed else 0.0
+
+    def _finish(self, bucket, ops, w, d, states, weight_norm, update_norm, step, norms) -> None:
+        if bucket.adapted:
+            trust = self._trust(bucket.group, weight_norm, update_norm, step)
+        else:
+            trust = torch.ones_like(weight_norm)
+        self._apply(bucket.group, ops, w, d, states, list(trust.unbind(0)), step)
+        norms.append((weight_norm, update_norm, trust))
+
+    def _record(self, bucket, step, weight_norm, update_norm, trust) -> None:
+        for p in bucket.params:
+            self.state[p]["step"] = step + 1
+        self.telemetry[tuple(bucket.names)] = LayerStats(
+            bucket.names, weight_norm, update_norm, trust
+        )
 
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """The last step's per-layer norms and trust ratios, by layer name."""
@@ -167,13 +227,19 @@ class LayerwiseOptimizer(Optimizer):
         return stats
 
     # --- planning ----------------------------------------------------------------------------------
-    def _ops(self):
-        if self.foreach is not None:
-            return FOREACH if self.foreach else LOOP
-        # torch.optim keeps CPU tensors on the per-tensor loop to bound peak memory. Here both paths
-        # hold every direction d across the norm reduction anyway, so the multi-tensor path costs no
-        # extra memory, and on the CPU it is a C++ loop that beats the Python one.
-        return FOREACH
+    def _execution(self, plan: _Plan):
+        """The executor and the chunk size (elements) it works through the tensors by."""
+        if self.foreach is False:
+            return (
+                LOOP,
+                0,
+            )  # one tensor at a time, every op on it before the next, like torch's loop
+        if plan.buckets[0].params[0].device.type == "cpu":
+            # On the CPU the update is memory bound: working through bounded chunks, every op on a
+            # chunk before the next, lets one chunk's temporaries (d) be reused by the next instead
+            # of faulting in a whole model's worth, and bounds the step's peak memory.
+            return FOREACH, CPU_CHUNK_NUMEL
+        return FOREACH, math.inf  # accelerators: fewest launches, one list per op
 
     def _plan(self) -> tuple[_Plan | None, int]:
         """Group this call's tensors into buckets of pieces; cached while the call's shape is stable."""
@@ -223,6 +289,7 @@ class LayerwiseOptimizer(Optimizer):
                 bucket.spans.append(span)
                 bucket.layer_positions.append(position)
                 bucket.names.append(name)
+                bucket.numels.append(p.numel() if span is None else span[1])
         ordered = list(buckets.values())
         sharded = layout is not None
         if not sharded:
