@@ -101,6 +101,7 @@ class LayerwiseOptimizer(Optimizer):
         self.foreach = foreach
         self._layout: ShardedLayout | None = None
         self._plans: dict = {}
+        self._scratch_buffers: dict = {}  # (device, dtype) -> flat buffer; not optimizer state
         self.telemetry: dict[tuple[str, ...], LayerStats] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -114,9 +115,10 @@ class LayerwiseOptimizer(Optimizer):
 
     # --- algorithm hooks ---------------------------------------------------------------------------
     def _direction(
-        self, group, ops, w, g, states, weight_decay, step
+        self, group, ops, w, g, states, weight_decay, step, out
     ):  # pragma: no cover - abstract
-        """Return ``(d, x)``: the update direction and the tensors whose norms enter the trust ratio."""
+        """Write the update direction into ``out``; return ``(d, x)``: the direction and the tensors
+        whose norms enter the trust ratio."""
         raise NotImplementedError
 
     def _trust(self, group, weight_norm, update_norm, step) -> torch.Tensor:  # pragma: no cover
@@ -149,7 +151,10 @@ class LayerwiseOptimizer(Optimizer):
             norms = []
             for chunk in bucket.chunks(chunk_numel):
                 w, g, states = self._tensors(bucket, chunk)
-                d, x = self._direction(bucket.group, ops, w, g, states, self._decay(bucket), step)
+                out = self._scratch(w)
+                d, x = self._direction(
+                    bucket.group, ops, w, g, states, self._decay(bucket), step, out
+                )
                 weight_norm, update_norm = layer_norms(ops.norm(w), ops.norm(x), None, len(w), None)
                 self._finish(bucket, ops, w, d, states, weight_norm, update_norm, step, norms)
             self._record(bucket, step, *(torch.cat(parts) for parts in zip(*norms, strict=True)))
@@ -161,7 +166,11 @@ class LayerwiseOptimizer(Optimizer):
             step = base_step + bucket.step_offset
             for chunk in bucket.chunks(chunk_numel):
                 w, g, states = self._tensors(bucket, chunk)
-                d, x = self._direction(bucket.group, ops, w, g, states, self._decay(bucket), step)
+                # Every direction must outlive the reduction: fresh tensors, not the scratch.
+                out = [torch.empty_like(t) for t in w]
+                d, x = self._direction(
+                    bucket.group, ops, w, g, states, self._decay(bucket), step, out
+                )
                 weight_piece_norms += ops.norm(w)
                 update_piece_norms += ops.norm(x)
                 pending.append((bucket, chunk, step, w, d, states))
@@ -189,6 +198,17 @@ class LayerwiseOptimizer(Optimizer):
         for bucket in plan.buckets:
             parts = zip(*norms[id(bucket)], strict=True)
             self._record(bucket, base_step + bucket.step_offset, *(torch.cat(p) for p in parts))
+
+    def _scratch(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of one persistent buffer shaped like ``like``: a chunk's direction is written into
+        memory that the previous chunk (and step) used, which stays in cache and never page-faults."""
+        numel = sum(t.numel() for t in like)
+        key = (like[0].device, like[0].dtype)
+        buffer = self._scratch_buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch_buffers[key] = torch.empty(numel, device=key[0], dtype=key[1])
+        sizes = [t.numel() for t in like]
+        return [view.view_as(t) for view, t in zip(buffer[:numel].split(sizes), like, strict=True)]
 
     def _tensors(self, bucket: _Bucket, chunk: slice):
         params = bucket.params[chunk]

@@ -22,9 +22,6 @@ Tensors = list[torch.Tensor]
 
 
 def _loop_ops() -> SimpleNamespace:
-    def add(xs, ys, alpha=1.0):
-        return [x.add(y, alpha=alpha) for x, y in zip(xs, ys, strict=True)]
-
     def add_(xs, ys, alpha=1.0):
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=alpha)
@@ -33,48 +30,60 @@ def _loop_ops() -> SimpleNamespace:
         for x in xs:
             x.add_(scalar)
 
-    def mul_(xs, scalar):
+    def mul_(xs, other):
+        if isinstance(other, list):
+            for x, y in zip(xs, other, strict=True):
+                x.mul_(y)
+        else:
+            for x in xs:
+                x.mul_(other)
+
+    def copy_(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
+            x.copy_(y)
+
+    def sqrt_(xs):
         for x in xs:
-            x.mul_(scalar)
+            x.sqrt_()
+
+    def reciprocal_(xs):
+        for x in xs:
+            x.reciprocal_()
 
     def addcmul_(xs, ys, zs, value=1.0):
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.addcmul_(y, z, value=value)
 
-    def div(xs, ys):
-        return [x.div(y) for x, y in zip(xs, ys, strict=True)]
-
-    def sqrt(xs):
-        return [x.sqrt() for x in xs]
-
-    def clone(xs):
-        return [x.clone() for x in xs]
-
     def norm(xs):
         return [torch.linalg.vector_norm(x) for x in xs]
 
     return SimpleNamespace(
-        **{f.__name__: f for f in (add, add_, add_scalar_, mul_, addcmul_, div, sqrt, clone, norm)}
+        **{
+            f.__name__: f
+            for f in (add_, add_scalar_, mul_, copy_, sqrt_, reciprocal_, addcmul_, norm)
+        }
     )
 
 
 LOOP = _loop_ops()
 FOREACH = SimpleNamespace(
-    add=torch._foreach_add,
     add_=torch._foreach_add_,
     add_scalar_=torch._foreach_add_,
     mul_=torch._foreach_mul_,
+    copy_=torch._foreach_copy_,
+    sqrt_=torch._foreach_sqrt_,
+    reciprocal_=torch._foreach_reciprocal_,
     addcmul_=torch._foreach_addcmul_,
-    div=torch._foreach_div,
-    sqrt=torch._foreach_sqrt,
-    clone=lambda xs: torch._foreach_mul(xs, 1.0),
     norm=torch._foreach_norm,
 )
 
 
-def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float) -> Tensors:
-    """``d = g + weight_decay * w`` as new tensors (the caller's gradients stay untouched)."""
-    return ops.add(g, w, alpha=weight_decay) if weight_decay != 0.0 else ops.clone(g)
+def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tensors) -> Tensors:
+    """``d = g + weight_decay * w`` written into ``out`` (the caller's gradients stay untouched)."""
+    ops.copy_(out, g)
+    if weight_decay != 0.0:
+        ops.add_(out, w, alpha=weight_decay)
+    return out
 
 
 # --- TVLARS, paper variant (Algorithm 1) -------------------------------------------------------------
@@ -130,18 +139,21 @@ def lamb_direction(
     beta2: float,
     eps: float,
     weight_decay: float,
+    out: Tensors,
 ) -> Tensors:
-    """Updates the Adam moments in place and returns ``adam_step + weight_decay * w``."""
+    """Updates the Adam moments in place and writes ``adam_step + weight_decay * w`` into ``out``."""
     ops.mul_(exp_avg, beta1)
     ops.add_(exp_avg, g, alpha=1.0 - beta1)
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
-    denom = ops.sqrt(exp_avg_sq)
-    ops.add_scalar_(denom, eps)
-    step = ops.div(exp_avg, denom)
+    ops.copy_(out, exp_avg_sq)
+    ops.sqrt_(out)
+    ops.add_scalar_(out, eps)
+    ops.reciprocal_(out)
+    ops.mul_(out, exp_avg)  # exp_avg / (sqrt(exp_avg_sq) + eps), in place: no temporary
     if weight_decay != 0.0:
-        ops.add_(step, w, alpha=weight_decay)
-    return step
+        ops.add_(out, w, alpha=weight_decay)
+    return out
 
 
 def scaled_apply(ops, w: Tensors, d: Tensors, trust: Tensors, lr: float) -> None:

@@ -53,7 +53,7 @@ class LAMB(LayerwiseOptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step):
+    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
         beta1, beta2 = group["betas"]
         d = lamb_direction(
             ops,
@@ -65,6 +65,7 @@ class LAMB(LayerwiseOptimizer):
             beta2,
             group["eps"],
             weight_decay,
+            out,
         )
         return d, d
 

@@ -60,8 +60,8 @@ class LARS(LayerwiseOptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step):
-        return decayed_gradient(ops, w, g, weight_decay), g
+    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
+        return decayed_gradient(ops, w, g, weight_decay, out), g
 
     def _trust(self, group, weight_norm, grad_norm, step):
         ratio = (

@@ -123,8 +123,8 @@ class TVLARS(LayerwiseOptimizer):
             step, group["lmbda"], group["alpha"], group["delay_steps"], group["gamma_min"]
         )
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step):
-        d = decayed_gradient(ops, w, g, weight_decay)
+    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
+        d = decayed_gradient(ops, w, g, weight_decay, out)
         return d, d
 
     def _trust(self, group, weight_norm, update_norm, step):
