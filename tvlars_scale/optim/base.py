@@ -28,7 +28,7 @@ __all__ = ["LayerwiseOptimizer"]
 
 # Elements per chunk on the CPU (16 MB of fp32 per tensor list): the best of 2^16..2^22 measured on
 # resnet50's parameters here (benchmarks/optimizer_step.py).
-CPU_CHUNK_NUMEL = 1 << 22
+CPU_CHUNK_NUMEL = 1 << 20
 
 
 @dataclass
@@ -224,7 +224,7 @@ class LayerwiseOptimizer(Optimizer):
             trust = self._trust(bucket.group, weight_norm, update_norm, step)
         else:
             trust = torch.ones_like(weight_norm)
-        self._apply(bucket.group, ops, w, d, states, list(trust.unbind(0)), step)
+        self._apply(bucket.group, ops, w, d, states, trust, step)
         norms.append((weight_norm, update_norm, trust))
 
     def _record(self, bucket, step, weight_norm, update_norm, trust) -> None:

@@ -4,8 +4,9 @@ Each algorithm is split in two halves around the per-layer norm reduction:
 
 * ``*_direction`` computes, from weights ``w`` and gradients ``g``, the update direction ``d`` and the
   tensors whose norm enters the trust ratio (its denominator);
-* ``*_apply`` applies the update given one 0-dim ``trust`` tensor per tensor (gathered by the optimizer
-  from the per-layer trust ratios, so no value ever travels to the host) and Python-float scalars.
+* ``*_apply`` applies the update given one 0-dim tensor per tensor (derived by the optimizer from the
+  per-layer trust ratios, so no value ever travels to the host) and Python-float scalars. It may
+  overwrite ``d``, which is the optimizer's scratch, never the caller's gradient.
 
 Every operation goes through an ``ops`` executor: :data:`FOREACH` calls ``torch._foreach_*`` (one
 dispatch per list, fused multi-tensor kernels where the device has them), :data:`LOOP` runs the same
@@ -42,6 +43,10 @@ def _loop_ops() -> SimpleNamespace:
         for x, y in zip(xs, ys, strict=True):
             x.copy_(y)
 
+    def add_into(out, xs, ys, alpha=1.0):
+        for o, x, y in zip(out, xs, ys, strict=True):
+            torch.add(x, y, alpha=alpha, out=o)
+
     def sqrt_(xs):
         for x in xs:
             x.sqrt_()
@@ -60,7 +65,7 @@ def _loop_ops() -> SimpleNamespace:
     return SimpleNamespace(
         **{
             f.__name__: f
-            for f in (add_, add_scalar_, mul_, copy_, sqrt_, reciprocal_, addcmul_, norm)
+            for f in (add_, add_into, add_scalar_, mul_, copy_, sqrt_, reciprocal_, addcmul_, norm)
         }
     )
 
@@ -68,6 +73,9 @@ def _loop_ops() -> SimpleNamespace:
 LOOP = _loop_ops()
 FOREACH = SimpleNamespace(
     add_=torch._foreach_add_,
+    # torch has no foreach op with out=: one add per tensor writes into the scratch in one pass,
+    # where copy_ + add_ would take two.
+    add_into=LOOP.add_into,
     add_scalar_=torch._foreach_add_,
     mul_=torch._foreach_mul_,
     copy_=torch._foreach_copy_,
@@ -79,10 +87,11 @@ FOREACH = SimpleNamespace(
 
 
 def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tensors) -> Tensors:
-    """``d = g + weight_decay * w`` written into ``out`` (the caller's gradients stay untouched)."""
-    ops.copy_(out, g)
-    if weight_decay != 0.0:
-        ops.add_(out, w, alpha=weight_decay)
+    """``d = g + weight_decay * w`` written into ``out`` in one pass (the gradients stay untouched)."""
+    if weight_decay == 0.0:
+        ops.copy_(out, g)
+    else:
+        ops.add_into(out, g, w, alpha=weight_decay)
     return out
 
 
@@ -94,13 +103,17 @@ def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tens
 
 
 def tvlars_apply(
-    ops, w: Tensors, d: Tensors, velocity: Tensors, trust: Tensors, lr_phi: float, momentum: float
+    ops, w: Tensors, d: Tensors, velocity: Tensors, neg_gamma: Tensors, momentum: float
 ) -> None:
-    """One TVLARS step with ``gamma = lr_phi * trust`` (``lr_phi = lr * phi_t``)."""
-    ops.mul_(velocity, momentum)
-    ops.addcmul_(velocity, d, trust, value=-lr_phi)
-    ops.addcmul_(w, d, trust, value=-lr_phi)
-    ops.add_(w, velocity, alpha=momentum)
+    """One TVLARS step; ``d`` is scratch and is overwritten.
+
+    Each op reads at most one tensor that is not already in cache: ``d`` was just written, and
+    ``velocity`` is re-read right after it was written.
+    """
+    ops.mul_(d, neg_gamma)  # d <- -gamma d
+    ops.add_into(velocity, d, velocity, alpha=momentum)  # v <- mu v - gamma d
+    ops.add_(d, velocity, alpha=momentum)  # d <- -gamma d + mu v_{t+1}
+    ops.add_(w, d)
 
 
 # --- Heavy-ball momentum on a scaled direction (TVLARS official code, LARS) ---------------------------
@@ -117,11 +130,12 @@ def heavy_ball_apply(
     momentum: float,
     nesterov: bool,
 ) -> None:
-    ops.mul_(buf, momentum)
-    ops.addcmul_(buf, d, scale)
+    """One heavy-ball step; ``d`` is scratch and is overwritten."""
+    ops.mul_(d, scale)  # d <- scale d
+    ops.add_into(buf, d, buf, alpha=momentum)  # buf <- mu buf + scale d
     if nesterov:
-        ops.addcmul_(w, d, scale, value=-lr)
-        ops.add_(w, buf, alpha=-lr * momentum)
+        ops.add_(d, buf, alpha=momentum)
+        ops.add_(w, d, alpha=-lr)
     else:
         ops.add_(w, buf, alpha=-lr)
 

@@ -75,4 +75,4 @@ class LAMB(LayerwiseOptimizer):
         return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
 
     def _apply(self, group, ops, w, d, states, trust, step):
-        scaled_apply(ops, w, d, trust, group["lr"])
+        scaled_apply(ops, w, d, list(trust.unbind(0)), group["lr"])

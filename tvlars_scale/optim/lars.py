@@ -77,7 +77,7 @@ class LARS(LayerwiseOptimizer):
             w,
             d,
             states["momentum_buffer"],
-            trust,
+            list(trust.unbind(0)),
             group["lr"],
             group["momentum"],
             group["nesterov"],

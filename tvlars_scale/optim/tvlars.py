@@ -143,10 +143,11 @@ class TVLARS(LayerwiseOptimizer):
         buffers = states["momentum_buffer"]
         if group["variant"] == "official":
             heavy_ball_apply(
-                ops, w, d, buffers, trust, group["lr"], group["momentum"], nesterov=False
+                ops, w, d, buffers, list(trust.unbind(0)), group["lr"], group["momentum"], False
             )
         else:
-            tvlars_apply(ops, w, d, buffers, trust, group["lr"] * phi, group["momentum"])
+            neg_gamma = (trust * (-group["lr"] * phi)).unbind(0)
+            tvlars_apply(ops, w, d, buffers, list(neg_gamma), group["momentum"])
 
 
 def _check_nonnegative(**values: float) -> None:
