@@ -1,0 +1,90 @@
+"""Batch arithmetic: derived accumulation, refusal of splits that do not divide, LR scaling."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
+from tvlars_scale.config import ConfigError
+from tvlars_scale.trainer import _put_plan_into_deepspeed
+
+
+def test_the_paper_scale_split_is_described_in_one_line():
+    plan = plan_batches(16384, 64, 2)
+    assert plan.grad_accum_steps == 128
+    assert plan.describe() == "effective batch 16384 = 64 micro x 128 accumulation x 2 ranks"
+    assert plan_batches(256, 64, 1).describe() == (
+        "effective batch 256 = 64 micro x 4 accumulation x 1 rank"
+    )
+
+
+@pytest.mark.parametrize("micro", [1, 8, 64])
+@pytest.mark.parametrize("world", [1, 2, 3, 16])
+@pytest.mark.parametrize("accum", [1, 5, 128])
+def test_accumulation_is_recovered_from_any_product(micro, world, accum):
+    plan = plan_batches(micro * world * accum, micro, world)
+    assert plan == BatchPlan(micro * world * accum, micro, world, accum)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "micro", "world"), [(100, 64, 1), (64, 64, 2), (96, 16, 4)]
+)
+def test_splits_that_leave_a_rest_are_refused(global_batch, micro, world):
+    with pytest.raises(ConfigError) as caught:
+        plan_batches(global_batch, micro, world)
+    assert caught.value.key == "batch.global_batch_size"
+    assert f"{micro} x {world} = {micro * world}" in caught.value.problem
+
+
+def test_lr_scaling_rules():
+    assert scale_lr(0.1, "none", 8192, 256) == 0.1
+    assert scale_lr(0.1, "linear", 8192, 256) == pytest.approx(0.1 * 32)
+    assert scale_lr(0.1, "sqrt", 8192, 256) == pytest.approx(0.1 * math.sqrt(32))
+    # At the base batch every rule is the identity.
+    for rule in ("none", "linear", "sqrt"):
+        assert scale_lr(3.0, rule, 512, 512) == 3.0
+    with pytest.raises(ValueError, match="unknown lr scaling"):
+        scale_lr(0.1, "cubic", 512, 256)
+
+
+def test_epochs_to_steps_uses_the_real_steps_per_epoch():
+    assert epochs_to_steps(10, 5) == 50
+    assert epochs_to_steps(2.4, 5) == 12
+    assert epochs_to_steps(0, 97) == 0
+
+
+def _accelerator_with_deepspeed_config(ds_config: dict) -> SimpleNamespace:
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+
+
+def test_the_plan_fills_deepspeed_auto_values():
+    ds_config = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+    _put_plan_into_deepspeed(
+        _accelerator_with_deepspeed_config(ds_config), plan_batches(512, 32, 2)
+    )
+    assert ds_config == {
+        "train_batch_size": 512,
+        "train_micro_batch_size_per_gpu": 32,
+        "gradient_accumulation_steps": 8,
+        "gradient_clipping": 0.0,  # Accelerate would make "auto" 1.0; DDP runs do not clip
+    }
+
+
+def test_a_deepspeed_file_that_hard_codes_another_accumulation_is_refused():
+    # Accelerate's templates say 1 and only warn when the trainer wants another value.
+    ds_config = {"gradient_accumulation_steps": 1, "train_micro_batch_size_per_gpu": "auto"}
+    with pytest.raises(ConfigError) as caught:
+        _put_plan_into_deepspeed(
+            _accelerator_with_deepspeed_config(ds_config), plan_batches(512, 32, 2)
+        )
+    assert caught.value.key == "deepspeed.gradient_accumulation_steps"
+    assert "says 1" in caught.value.problem and "needs 8" in caught.value.problem

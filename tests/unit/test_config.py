@@ -1,0 +1,172 @@
+"""The run configuration: YAML + dotted overrides, strict validation, one-line errors, exit 2."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tvlars_scale.batching import plan_batches
+from tvlars_scale.config import Config, ConfigError, load_config, reference_markdown
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def base_yaml(tmp_path) -> Path:
+    return write_yaml(
+        tmp_path / "base.yaml",
+        "run:\n  num_epochs: 3\n"
+        "optim:\n  name: lars\n  lr: 2.5\n  lmbda: 1e-5\n"
+        "batch:\n  global_batch_size: 128\n  micro_batch_size: 16\n",
+    )
+
+
+def test_yaml_values_overrides_and_defaults(base_yaml):
+    config = load_config(base_yaml, ["optim.lr=0.5", "data.name=cifar10", "run.seed=7"])
+    assert config.optim.name == "lars"  # from the file
+    assert config.optim.lr == 0.5  # the override wins over the file
+    assert config.optim.lmbda == 1e-5  # YAML 1.1 would read "1e-5" as a string
+    assert isinstance(config.optim.lmbda, float)
+    assert (config.data.name, config.run.seed, config.run.num_epochs) == ("cifar10", 7, 3)
+    assert config.optim.weight_decay == Config().optim.weight_decay  # untouched default
+    assert config.task.name == "classification"
+
+
+def test_later_override_wins_and_values_are_parsed_as_yaml(base_yaml):
+    config = load_config(
+        base_yaml, ["optim.lr=1", "optim.lr=3", "optim.betas=[0.8, 0.99]", "data.path=null"]
+    )
+    assert config.optim.lr == 3.0
+    assert config.optim.betas == [0.8, 0.99]
+    assert config.data.path is None
+
+
+def test_task_section_without_name_means_classification(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", "task:\n  label_smoothing: 0.1\n")
+    assert load_config(path).task.label_smoothing == 0.1
+
+
+def test_resolved_yaml_round_trips(base_yaml, tmp_path):
+    config = load_config(base_yaml, ["run.mixed_precision=bf16", "model.cifar_stem=false"])
+    dumped = write_yaml(tmp_path / "resolved.yaml", config.to_yaml())
+    assert load_config(dumped) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        (["optim.lrr=3"], "optim.lrr", "unknown key; did you mean optim.lr?"),
+        (["bogus.x=1"], "bogus", "unknown key"),
+        (["optim.lr=-1"], "optim.lr", "greater than 0"),
+        (["optim.lr=fast"], "optim.lr", "valid number"),
+        (["run.num_epochs=2.5"], "run.num_epochs", "valid integer"),
+        (["run.mixed_precision=fp8"], "run.mixed_precision", "'no', 'bf16' or 'fp16'"),
+        (["optim.momentum=1.0"], "optim.momentum", "less than 1"),
+        (["optim.lmbda=-1e-4"], "optim.lmbda", "greater than or equal to 0"),
+        (["batch.micro_batch_size=0"], "batch.micro_batch_size", "greater than or equal to 1"),
+        (["batch.micro_batch_size=48"], "batch.global_batch_size", "not a multiple"),
+        (["data.name=imagenet"], "data.name", "'digits', 'cifar10'"),
+        (["task.name=detection"], "task.name", "unknown task 'detection'"),
+        (["task.label_smoothing=1.5"], "task.label_smoothing", "less than 1"),
+        (["optim.betas=[0.9]"], "optim.betas", "at least 2"),
+        (["optim.lr.x=3"], "optim.lr", "is a value, not a section"),
+        (["optim.lr"], "optim.lr", "expected key=value"),
+        (["optim.warmup_epochs=5"], "optim.warmup_epochs", "warmup_cosine"),
+        (["optim.name=tvlars_official", "optim.alpha=0.5"], "optim.alpha", "tvlars_official"),
+    ],
+)
+def test_invalid_values_name_the_key(base_yaml, overrides, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_yaml, overrides)
+    assert caught.value.key == key
+    assert fragment in caught.value.problem
+    assert "\n" not in caught.value.line()
+
+
+def test_malformed_and_non_mapping_yaml(tmp_path):
+    broken = write_yaml(tmp_path / "broken.yaml", "optim:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+ column \d+"):
+        load_config(broken)
+    listing = write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listing)
+    with pytest.raises(ConfigError, match="cannot read") as caught:
+        load_config(tmp_path / "missing.yaml")
+    assert caught.value.key == "--config"
+
+
+def test_reference_lists_every_field_with_its_default():
+    table = reference_markdown()
+    for section, values in Config().model_dump().items():
+        for key, default in values.items():
+            row = next(
+                line for line in table.splitlines() if line.startswith(f"| `{section}.{key}`")
+            )
+            assert f"`{default!r}`" in row
+            assert row.rstrip(" |").split("|")[-1].strip(), f"{section}.{key} has no description"
+
+
+def run_cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tvlars_scale.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "line_start"),
+    [
+        (["optim.lrr=3"], "config error: optim.lrr: unknown key"),
+        (["batch.micro_batch_size=-4"], "config error: batch.micro_batch_size: "),
+        (["run.mixed_precision=fp8"], "config error: run.mixed_precision: "),
+    ],
+)
+def test_cli_reports_one_line_and_exits_2_without_writing(tmp_path, args, line_start):
+    run_dir = tmp_path / "run"
+    config = write_yaml(tmp_path / "c.yaml", f"run:\n  output_dir: {run_dir}\n")
+    result = run_cli("--config", str(config), *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(line_start)
+    assert not run_dir.exists()
+
+
+def test_cli_argument_and_file_errors_are_one_line(tmp_path):
+    missing_flag = run_cli("optim.lr=1")
+    assert missing_flag.returncode == 2
+    assert missing_flag.stderr.strip() == (
+        "config error: arguments: the following arguments are required: --config"
+    )
+    broken = write_yaml(tmp_path / "broken.yaml", "run: {output_dir: x\n")
+    malformed = run_cli("--config", str(broken))
+    assert malformed.returncode == 2
+    assert len(malformed.stderr.splitlines()) == 1
+    assert malformed.stderr.startswith(f"config error: {broken}: malformed YAML")
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10_resnet18", "tiny_imagenet_resnet34"])
+def test_shipped_experiment_configs_validate_and_their_batch_comment_holds(name):
+    path = REPO_ROOT / "configs" / f"{name}.yaml"
+    config = load_config(path)
+    # The first "<micro> micro x <accum> accum x <ranks> rank(s) = <global>" comment must agree
+    # with the batch section and with the trainer's own arithmetic.
+    match = re.search(r"(\d+) micro x (\d+) accum x (\d+) ranks? = (\d+)", path.read_text())
+    assert match, f"{path.name} does not show its batch arithmetic"
+    micro, accum, ranks, total = map(int, match.groups())
+    assert micro * accum * ranks == total == config.batch.global_batch_size
+    assert micro == config.batch.micro_batch_size
+    assert plan_batches(total, micro, ranks).grad_accum_steps == accum

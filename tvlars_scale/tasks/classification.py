@@ -1,0 +1,72 @@
+"""Supervised image classification: cross-entropy on augmented batches, top-1 test accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tvlars_scale.config import Config
+from tvlars_scale.data import BatchAugment, ImageData
+from tvlars_scale.data.loader import PAD_LABEL
+from tvlars_scale.models import build_model
+
+from . import Task
+
+__all__ = ["ClassificationTask"]
+
+
+class ClassificationTask(Task):
+    """Cross-entropy (optionally label-smoothed) of a timm classifier over ``data.num_classes``."""
+
+    def __init__(self, config: Config, data: ImageData, rank: int):
+        self.config = config
+        self.data = data
+        self.train_augment = BatchAugment(
+            data.mean,
+            data.std,
+            crop_padding=config.data.crop_padding,
+            flip=config.data.flip,
+            seed=config.run.seed + rank,
+        )
+        self.eval_transform = BatchAugment(data.mean, data.std, train=False)
+
+    def build_model(self) -> nn.Module:
+        model = self.config.model
+        return build_model(
+            model.name,
+            self.data.num_classes,
+            in_chans=self.data.in_chans,
+            image_size=self.data.image_size,
+            cifar_stem=model.cifar_stem,
+            sync_batchnorm=model.sync_batchnorm,
+            init=model.init,
+        )
+
+    def training_loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        logits = model(self.train_augment(images))
+        return F.cross_entropy(logits, labels, label_smoothing=self.config.task.label_smoothing)
+
+    def eval_outputs(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        logits = model(self.eval_transform(images)).float()
+        # Padding samples carry PAD_LABEL, cross_entropy's ignore_index: their loss is 0.
+        loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=PAD_LABEL)
+        return {
+            "loss": loss,
+            "correct": logits.argmax(dim=1) == labels,
+            "valid": labels != PAD_LABEL,
+        }
+
+    def state_dict(self) -> dict:
+        return {"train_augment": self.train_augment.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_augment.load_state_dict(state["train_augment"])
+
+    def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
+        valid = outputs["valid"]
+        num_valid = valid.sum()
+        sums = torch.stack([outputs["loss"][valid].sum(), outputs["correct"][valid].sum()]).double()
+        # host sync: the two metrics, once per evaluation.
+        loss, accuracy = (sums / num_valid).tolist()
+        return {"test_loss": loss, "test_accuracy": accuracy}

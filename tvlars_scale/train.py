@@ -1,0 +1,59 @@
+"""Train from a config file: ``accelerate launch -m tvlars_scale.train --config C.yaml [key=value ...]``.
+
+One process without a launcher: ``tvlars-train --config C.yaml`` (or ``python -m tvlars_scale.train``).
+A bad config or argument prints ONE line, ``config error: <key>: <problem>``, and exits with status 2
+before anything is written. Too many optimizer steps in a row with NaN/Inf gradients print one line,
+``training stopped: ...``, and exit with status 3 (the last checkpoint stays intact). A SIGTERM /
+SIGUSR1 saves a checkpoint at the next optimizer step and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tvlars_scale.config import ConfigError, load_config
+from tvlars_scale.nonfinite import NonFiniteError
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message over two lines; we print one
+        raise ConfigError("arguments", message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _ArgumentParser(prog="tvlars-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        config = load_config(args.config, args.overrides)
+        # Imported after validation: a config error is reported without loading torch/DeepSpeed.
+        from tvlars_scale.trainer import Trainer
+
+        trainer = Trainer(config)
+        try:
+            trainer.setup()
+            trainer.train()
+        finally:
+            trainer.close()
+    except ConfigError as error:
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: say it once
+            print(error.line(), file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"training stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
