@@ -42,7 +42,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="resnet50")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     template = timm.create_model(args.model, num_classes=1000)
@@ -83,6 +88,7 @@ def main() -> None:
         "model": args.model,
         "num_params": num_params,
         "num_tensors": num_tensors,
+        "threads": torch.get_num_threads(),
         "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
         "tvlars_foreach/sgd_foreach": round(medians["tvlars_foreach"] / medians["sgd_foreach"], 3),
         "tvlars_foreach/timm_lars": round(medians["tvlars_foreach"] / medians["timm_lars"], 3),

@@ -367,11 +367,12 @@ class Trainer:
                 step = self.state.step
                 loss = self.train_step(MicroBatches(batches, self.plan.grad_accum_steps))
                 progress.update(1)
-                if self.state.step != step:  # applied, not skipped for NaN/Inf gradients
+                applied = self.state.step != step  # not skipped for NaN/Inf gradients
+                if applied:
                     self._window.add(loss)
                     if self.state.step % run.log_every == 0:
                         self._log_training(progress)
-                if self._checkpoint_at_boundary():
+                if self._checkpoint_at_boundary(applied):
                     progress.close()
                     self.preempted = True
                     return {}
@@ -394,13 +395,14 @@ class Trainer:
             self.save_checkpoint()
         return self._write_metrics(train_seconds)
 
-    def _checkpoint_at_boundary(self) -> bool:
-        """Between two optimizer steps: save when due or asked to stop; True means stop now."""
+    def _checkpoint_at_boundary(self, applied: bool) -> bool:
+        """Between two optimizer steps: save when due (a step was applied) or when asked to stop;
+        True means stop now."""
         attempts = self.state.attempts
         fault_injection.sigterm_if_requested(attempts, self.accelerator.process_index)
         preempted = self.preemption.requested(self.accelerator.device)  # collective (inside)
         every = self.config.checkpoint.every_steps
-        if preempted or (every and self.state.step % every == 0):
+        if preempted or (applied and every and self.state.step % every == 0):
             self.save_checkpoint()
         fault_injection.kill_if_requested("boundary", attempts)
         if preempted:
@@ -485,9 +487,9 @@ class Trainer:
         if state.nonfinite_in_row >= limit:
             latest = find_latest_complete(self.run_dir)
             raise NonFiniteError(
-                f"{state.nonfinite_in_row} optimizer steps in a row had NaN/Inf gradients "
-                f"(run.max_nonfinite_steps={limit}); training stopped at step {state.step}; "
-                f"last checkpoint: {latest.path if latest else 'none'}"
+                f"{state.nonfinite_in_row} optimizer steps in a row had NaN/Inf gradients at step "
+                f"{state.step} (run.max_nonfinite_steps={limit}); last checkpoint: "
+                f"{latest.path if latest else 'none'}"
             )
 
     def lr_multiplier(self, step: int) -> float:
