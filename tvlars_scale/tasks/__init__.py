@@ -52,7 +52,15 @@ if TYPE_CHECKING:
     from tvlars_scale.config import Config
     from tvlars_scale.data import ImageData
 
-__all__ = ["TASKS", "Accumulation", "MicroBatch", "MicroBatches", "Task", "build_task"]
+__all__ = [
+    "TASKS",
+    "Accumulation",
+    "MicroBatch",
+    "MicroBatches",
+    "Task",
+    "build_configured_model",
+    "build_task",
+]
 
 MicroBatch = tuple[Tensor, Tensor]
 """``(uint8 images [n, C, H, W], int64 labels [n])`` on the training device."""
@@ -142,6 +150,22 @@ class Task(ABC):
                 accumulation.backward(loss)
             losses.append(loss.detach())
         return sum(losses) / len(losses)
+
+
+def build_configured_model(config: Config, data: ImageData) -> nn.Module:
+    """``config.model`` shaped for ``data`` (classes, channels, image size): every task's network."""
+    from tvlars_scale.models import build_model
+
+    model = config.model
+    return build_model(
+        model.name,
+        data.num_classes,
+        in_chans=data.in_chans,
+        image_size=data.image_size,
+        cifar_stem=model.cifar_stem,
+        sync_batchnorm=model.sync_batchnorm,
+        init=model.init,
+    )
 
 
 def build_task(config: Config, data: ImageData, rank: int) -> Task:

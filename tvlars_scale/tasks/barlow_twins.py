@@ -76,9 +76,9 @@ from tvlars_scale.config import Config
 from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
 from tvlars_scale.data.ssl_views import TwoViewAugment, recipe_for_image_size
-from tvlars_scale.models import build_model, init_kaiming_uniform
+from tvlars_scale.models import init_kaiming_uniform
 
-from . import Accumulation, MicroBatch, Task
+from . import Accumulation, MicroBatch, Task, build_configured_model
 from .linear_eval import LinearEvalSettings, extract_features, linear_evaluation
 
 DEFAULT_PROJECTOR_DIMS: tuple[int, ...] = (2048, 2048, 4096)
@@ -281,15 +281,7 @@ class BarlowTwinsTask(Task):
 
     def build_model(self) -> nn.Module:
         model = self.config.model
-        backbone = build_model(
-            model.name,
-            self.data.num_classes,
-            in_chans=self.data.in_chans,
-            image_size=self.data.image_size,
-            cifar_stem=model.cifar_stem,
-            sync_batchnorm=model.sync_batchnorm,
-            init=model.init,
-        )
+        backbone = build_configured_model(self.config, self.data)
         backbone.reset_classifier(0)  # timm interface: the model now returns pooled features
         bt_model = BarlowTwinsModel(backbone, backbone.num_features, self.settings.projector_dims)
         if model.init == "kaiming_uniform":

@@ -9,9 +9,8 @@ from torch import Tensor, nn
 from tvlars_scale.config import Config
 from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
-from tvlars_scale.models import build_model
 
-from . import Task
+from . import Task, build_configured_model
 
 __all__ = ["ClassificationTask"]
 
@@ -32,16 +31,7 @@ class ClassificationTask(Task):
         self.eval_transform = BatchAugment(data.mean, data.std, train=False)
 
     def build_model(self) -> nn.Module:
-        model = self.config.model
-        return build_model(
-            model.name,
-            self.data.num_classes,
-            in_chans=self.data.in_chans,
-            image_size=self.data.image_size,
-            cifar_stem=model.cifar_stem,
-            sync_batchnorm=model.sync_batchnorm,
-            init=model.init,
-        )
+        return build_configured_model(self.config, self.data)
 
     def training_loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         logits = model(self.train_augment(images))
