@@ -47,10 +47,15 @@ from tqdm.auto import tqdm
 
 from tvlars_scale import fault_injection
 from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
-from tvlars_scale.checkpoint import CHECKPOINTS_DIR, CheckpointInfo, resolve_resume
-from tvlars_scale.checkpoint.checkpointer import Checkpointer
-from tvlars_scale.checkpoint.directory import complete_checkpoints, find_latest_complete
-from tvlars_scale.checkpoint.directory import remove_leftovers as remove_checkpoint_leftovers
+from tvlars_scale.checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpointer,
+    CheckpointInfo,
+    complete_checkpoints,
+    find_latest_complete,
+    remove_leftovers,
+    resolve_resume,
+)
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.data import DataError, ImageData, MicroBatchLoader, load_image_data
 from tvlars_scale.models import ModelError
@@ -136,7 +141,6 @@ class Trainer:
         # Extra autocast for the forward passes; only DeepSpeed's half precision needs one.
         self.precision: AbstractContextManager = nullcontext()
         self.preemption = PreemptionFlag()
-        self.preempted = False
         self._saved_position: dict[str, int] | None = None  # TrainState of the last checkpoint
 
     # --- setup -------------------------------------------------------------------------------------
@@ -334,7 +338,7 @@ class Trainer:
         directories, newer checkpoints when run.overwrite allowed a fork, per-layer records that
         the resumed run writes again)."""
         checkpoints = self.run_dir / CHECKPOINTS_DIR
-        remove_checkpoint_leftovers(checkpoints)
+        remove_leftovers(checkpoints)
         for info in complete_checkpoints(checkpoints):
             if info.step > step:
                 shutil.rmtree(info.path)
@@ -345,7 +349,8 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Train to ``run.num_epochs``; returns (and writes) the final metrics."""
+        """Train to ``run.num_epochs``; returns (and writes) the final metrics. Stopped by a
+        pre-emption signal, it returns ``{"preempted_at_step": step}`` after the checkpoint."""
         run = self.config.run
         accelerator = self.accelerator
         progress = tqdm(
@@ -374,8 +379,7 @@ class Trainer:
                         self._log_training(progress)
                 if self._checkpoint_at_boundary(applied):
                     progress.close()
-                    self.preempted = True
-                    return {}
+                    return {"preempted_at_step": self.state.step}
             self.state.epoch += 1
             self.state.micro_batch = 0
             train_seconds += time.perf_counter() - epoch_start
@@ -400,7 +404,8 @@ class Trainer:
         True means stop now."""
         attempts = self.state.attempts
         fault_injection.sigterm_if_requested(attempts, self.accelerator.process_index)
-        preempted = self.preemption.requested(self.accelerator.device)  # collective (inside)
+        # collective: all_reduce(MAX) of the stop flag inside requested() (several ranks only).
+        preempted = self.preemption.requested(self.accelerator.device)
         every = self.config.checkpoint.every_steps
         if preempted or (applied and every and self.state.step % every == 0):
             self.save_checkpoint()
@@ -471,7 +476,8 @@ class Trainer:
             self.optimizer.step()
             return not self.optimizer.step_was_skipped
         # Gradients are all-reduced already, so every rank takes the same decision.
-        if not gradients_are_finite(self.model.parameters()):  # host sync (inside)
+        # host sync: one bool per step, inside gradients_are_finite.
+        if not gradients_are_finite(self.model.parameters()):
             return False
         self.optimizer.step()
         return True
