@@ -53,9 +53,8 @@ class TVLARS(LayerwiseOptimizer):
           :math:`b \leftarrow \mu b + \phi_t\, \text{trust}\, d`, :math:`w \leftarrow w - \eta_0 b`;
         * excluded (1-D) layers step at the raw ``lr`` (ratio 1, no :math:`\phi_t`).
 
-        DESIGN.md writes the official momentum as ``buf = mu buf + d; w -= lr ratio buf``; the reference
-        code scales before the momentum (``buf = mu buf + ratio d; w -= lr buf``), which is what runs
-        here. Some revisions of that code also hold :math:`\phi_t` off (ratio without it) for the first
+        The ratio scales the direction before it enters the momentum (``buf = mu buf + ratio d;
+        w -= lr buf``), as in the reference code, not the buffer after it. Some revisions of that code also hold :math:`\phi_t` off (ratio without it) for the first
         10 epochs; this variant follows the form without a delay.
 
     The step counter ``t`` is kept per tensor in ``state[p]["step"]`` and saved by ``state_dict``. The
