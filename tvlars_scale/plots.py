@@ -27,7 +27,7 @@ import yaml
 
 from tvlars_scale.optim.schedules import phi
 from tvlars_scale.report import optimizer_label
-from tvlars_scale.trainer import LAYER_STATS_FILE
+from tvlars_scale.telemetry import LAYER_STATS_FILE
 
 PAPER_LAMBDAS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 LAYER_METRICS = (

@@ -9,10 +9,10 @@ Counting: a *step* is an optimizer step over ``global_batch_size`` samples, made
 step; :class:`TrainState` holds the step, the epoch and the position inside it in micro-batches, so
 a checkpoint of the state plus model/optimizer/RNG resumes exactly.
 
-Under DeepSpeed the trainer, not the JSON, decides the batch: the plugin's
-``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` / ``train_batch_size`` are set
-from the plan before ``prepare`` (a JSON value that disagrees is refused), and after ``prepare`` the
-engine is asked what it really uses. Accelerate's DeepSpeed optimizer wrapper's ``step()`` is a
+Under DeepSpeed the trainer, not the JSON, decides the batch (:mod:`tvlars_scale.accelerate_setup`):
+the plugin's ``train_micro_batch_size_per_gpu`` / ``gradient_accumulation_steps`` /
+``train_batch_size`` are set from the plan before ``prepare`` (a JSON value that disagrees is
+refused), and after ``prepare`` the engine is asked what it really uses. Accelerate's DeepSpeed optimizer wrapper's ``step()`` is a
 no-op: the engine steps inside the last micro-batch's backward. ``bind_zero`` then gives the
 layer-wise optimizer the layout of the flat partitions it is handed.
 
@@ -25,9 +25,7 @@ at the next step boundary, exit 0). A step whose gradients hold NaN/Inf is skipp
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import statistics
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -37,16 +35,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedType,
-    InitProcessGroupKwargs,
-    gather_object,
-    reduce,
     set_seed,
 )
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tvlars_scale import fault_injection
-from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
+from tvlars_scale.accelerate_setup import (
+    check_engine_plan,
+    deepspeed_autocast,
+    make_accelerator,
+    put_plan_into_deepspeed,
+)
+from tvlars_scale.batching import epochs_to_steps, plan_batches, scale_lr
 from tvlars_scale.checkpoint import (
     CHECKPOINTS_DIR,
     Checkpointer,
@@ -67,11 +68,17 @@ from tvlars_scale.nonfinite import (
 from tvlars_scale.optim import build_optimizer, layerwise_param_groups, schedules
 from tvlars_scale.preemption import PreemptionFlag
 from tvlars_scale.tasks import MicroBatch, MicroBatches, Task, build_task
+from tvlars_scale.telemetry import (
+    LAYER_STATS_FILE,
+    LogWindow,
+    adapted_layer_names,
+    gather_layer_stats,
+    trust_ratio_summary,
+)
 
 __all__ = ["TrainState", "Trainer"]
 
 TENSORBOARD_DIR = "tensorboard"
-LAYER_STATS_FILE = "layer_stats.jsonl"  # per-layer norms per log step (tvlars_scale.plots layers)
 # run outputs
 RUN_FILES = ("config.yaml", "metrics.json", TENSORBOARD_DIR, LAYER_STATS_FILE, CHECKPOINTS_DIR)
 
@@ -147,7 +154,7 @@ class Trainer:
     def setup(self) -> None:
         """Everything that can fail on the user's input runs before the first file is written."""
         config = self.config
-        self.accelerator = _make_accelerator(config)
+        self.accelerator = make_accelerator(config)
         accelerator = self.accelerator
         self.plan = plan_batches(
             config.batch.global_batch_size, config.batch.micro_batch_size, accelerator.num_processes
@@ -181,15 +188,15 @@ class Trainer:
             config.batch.base_batch_size,
         )
         self.optimizer_client = self._make_optimizer(model)
-        self.adapted_layers = _adapted_layer_names(self.optimizer_client)
+        self.adapted_layers = adapted_layer_names(self.optimizer_client)
         self.peak_lrs = [group["lr"] for group in self.optimizer_client.param_groups]
 
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            _put_plan_into_deepspeed(accelerator, self.plan)
+            put_plan_into_deepspeed(accelerator, self.plan)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer_client)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            _check_engine_plan(self.model, accelerator, self.plan)
-            self.precision = _deepspeed_autocast(self.model)
+            check_engine_plan(self.model, accelerator, self.plan)
+            self.precision = deepspeed_autocast(self.model)
             if hasattr(self.optimizer_client, "bind_layout"):
                 from tvlars_scale.optim.zero_layout import bind_zero
 
@@ -361,7 +368,7 @@ class Trainer:
             disable=not (accelerator.is_main_process and run.progress_bar),
         )
         train_seconds = 0.0
-        self._window = _LogWindow(self.state.step)
+        self._window = LogWindow(self.state.step)
         while self.state.epoch < run.num_epochs:
             epoch_start = time.perf_counter()
             self.model.train()
@@ -533,37 +540,12 @@ class Trainer:
         phi = getattr(self.optimizer_client, "last_phi", None)
         if phi is not None:
             values["phi_t"] = phi
-        stats = self._layer_stats()
+        stats = gather_layer_stats(self.optimizer_client, self.accelerator)
         if stats:
             self._append_layer_stats(stats)
-            values.update(self._trust_ratio_summary(stats))
+            values.update(trust_ratio_summary(stats, self.adapted_layers))
         self.accelerator.log(values, step=self.state.step)
         progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{values['lr']:.3g}")
-
-    def _layer_stats(self) -> dict[str, dict[str, float]]:
-        """The last step's per-layer norms and trust ratios of every layer ({} for plain SGD)."""
-        if not hasattr(self.optimizer_client, "layer_stats"):
-            return {}
-        stats = self.optimizer_client.layer_stats()  # host sync (inside layer_stats)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # Under ZeRO a rank only records the layers it holds a piece of.
-            # collective: all_gather_object of every rank's per-layer statistics.
-            merged: dict[str, dict[str, float]] = {}
-            for rank_stats in gather_object([stats]):
-                merged.update(rank_stats)
-            stats = merged
-        return stats
-
-    def _trust_ratio_summary(self, stats: dict[str, dict[str, float]]) -> dict[str, float]:
-        """min / median / max of the trust ratios of the adapted layers."""
-        ratios = [s["trust_ratio"] for name, s in stats.items() if name in self.adapted_layers]
-        if not ratios:
-            return {}
-        return {
-            "trust_ratio/min": min(ratios),
-            "trust_ratio/median": statistics.median(ratios),
-            "trust_ratio/max": max(ratios),
-        }
 
     def _append_layer_stats(self, stats: dict[str, dict[str, float]]) -> None:
         """One JSON line per log step: the data of the paper's Figure 2 (per-layer norms)."""
@@ -608,61 +590,6 @@ class Trainer:
             accelerator.end_training()
 
 
-class _LogWindow:
-    """Loss and throughput since the last log line; device tensors until the log step."""
-
-    def __init__(self, step: int):
-        self.start_step, self.start_time = step, time.perf_counter()
-        self.loss_sum: Tensor | None = None
-
-    def add(self, loss: Tensor) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-
-    def exclude(self, seconds: float) -> None:
-        """Time spent on something other than training (evaluation) does not count."""
-        self.start_time += seconds
-
-    def flush(self, step: int, global_batch_size: int) -> dict[str, float]:
-        num_steps = step - self.start_step
-        # collective: all_reduce(mean) of the window's summed loss over ranks.
-        mean_loss = reduce(self.loss_sum.float(), reduction="mean")
-        train_loss = (mean_loss / num_steps).item()  # host sync: once per log interval
-        seconds = time.perf_counter() - self.start_time
-        self.start_step, self.start_time, self.loss_sum = step, time.perf_counter(), None
-        return {
-            "train_loss": train_loss,
-            "samples_per_second": num_steps * global_batch_size / seconds,
-        }
-
-
-def _make_accelerator(config: Config) -> Accelerator:
-    precision = config.run.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("run.mixed_precision", "fp16 needs a GPU; use bf16 on the CPU")
-    handlers, cpu = [], False
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without the gloo handler Accelerate reports num_processes == 1 on every CPU rank
-        # (DESIGN.md section 5); with it and a single process, Accelerate asks for a process group
-        # that does not exist.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        # Without cpu=True several CPU processes get DistributedType.NO: no DDP wrapper, so no
-        # gradient all-reduce. DeepSpeed must not get it (Accelerate then skips its init).
-        cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=precision,
-        log_with="tensorboard" if config.run.tensorboard else None,
-        project_dir=config.run.output_dir,
-        kwargs_handlers=handlers,
-    )
-    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
-        raise RuntimeError(
-            f"{accelerator.num_processes} processes but Accelerate chose no distributed mode: "
-            "gradients would not be synchronised"
-        )
-    return accelerator
-
-
 def _load_data(config: Config) -> ImageData:
     data = config.data
     try:
@@ -675,72 +602,6 @@ def _load_data(config: Config) -> ImageData:
         )
     except DataError as error:
         raise ConfigError("data.path" if data.path else "data.name", str(error)) from None
-
-
-def _adapted_layer_names(optimizer: torch.optim.Optimizer) -> set[str]:
-    """Names of the layers that get a trust ratio (the others are pinned to 1)."""
-    names = set()
-    for group in optimizer.param_groups:
-        if not group.get("adapt", True):
-            continue
-        for name, param in zip(group["param_names"], group["params"], strict=True):
-            if not (group.get("exclude_1d", True) and param.ndim <= 1):
-                names.add(name)
-    return names
-
-
-def _put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
-    """Write the batch plan into the DeepSpeed config; refuse a config file that disagrees."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    wanted = {
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
-        "train_batch_size": plan.global_batch_size,
-    }
-    for key, value in wanted.items():
-        current = ds_config.get(key, "auto")
-        if current not in ("auto", value):
-            raise ConfigError(
-                f"deepspeed.{key}",
-                f"the DeepSpeed config says {current} but {plan.describe()} needs {value}; "
-                'set it to "auto"',
-            )
-        ds_config[key] = value
-    # Accelerate fills an "auto" gradient_clipping with 1.0; the one-process and DDP paths do not
-    # clip, so neither does DeepSpeed unless its config sets a number.
-    if ds_config.get("gradient_clipping", "auto") == "auto":
-        ds_config["gradient_clipping"] = 0.0
-
-
-def _deepspeed_autocast(engine) -> AbstractContextManager:
-    """bf16/fp16 under DeepSpeed: the engine holds half-precision weights but does not cast the
-    inputs; autocast does. (One process and DDP keep fp32 weights, and Accelerate autocasts.)"""
-    if engine.bfloat16_enabled():
-        return torch.autocast(engine.device.type, dtype=torch.bfloat16)
-    if engine.fp16_enabled():
-        return torch.autocast(engine.device.type, dtype=torch.float16)
-    return nullcontext()
-
-
-def _check_engine_plan(engine, accelerator: Accelerator, plan: BatchPlan) -> None:
-    """Ask the DeepSpeed engine what it really runs (Accelerate only warns on a mismatch)."""
-    actual = (
-        engine.train_micro_batch_size_per_gpu(),
-        engine.gradient_accumulation_steps(),
-        engine.train_batch_size(),
-        accelerator.gradient_accumulation_steps,
-    )
-    expected = (
-        plan.micro_batch_size,
-        plan.grad_accum_steps,
-        plan.global_batch_size,
-        plan.grad_accum_steps,
-    )
-    if actual != expected:
-        raise RuntimeError(
-            f"DeepSpeed runs micro batch {actual[0]}, accumulation {actual[1]}, train batch "
-            f"{actual[2]} (Accelerate accumulation {actual[3]}), not {plan.describe()}"
-        )
 
 
 def _flat_hparams(config: Config) -> dict[str, int | float | str | bool]:

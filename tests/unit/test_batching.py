@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from tvlars_scale.accelerate_setup import put_plan_into_deepspeed
 from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
 from tvlars_scale.config import ConfigError
-from tvlars_scale.trainer import _put_plan_into_deepspeed
 
 
 def test_the_paper_scale_split_is_described_in_one_line():
@@ -68,9 +68,7 @@ def test_the_plan_fills_deepspeed_auto_values():
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }
-    _put_plan_into_deepspeed(
-        _accelerator_with_deepspeed_config(ds_config), plan_batches(512, 32, 2)
-    )
+    put_plan_into_deepspeed(_accelerator_with_deepspeed_config(ds_config), plan_batches(512, 32, 2))
     assert ds_config == {
         "train_batch_size": 512,
         "train_micro_batch_size_per_gpu": 32,
@@ -83,7 +81,7 @@ def test_a_deepspeed_file_that_hard_codes_another_accumulation_is_refused():
     # Accelerate's templates say 1 and only warn when the trainer wants another value.
     ds_config = {"gradient_accumulation_steps": 1, "train_micro_batch_size_per_gpu": "auto"}
     with pytest.raises(ConfigError) as caught:
-        _put_plan_into_deepspeed(
+        put_plan_into_deepspeed(
             _accelerator_with_deepspeed_config(ds_config), plan_batches(512, 32, 2)
         )
     assert caught.value.key == "deepspeed.gradient_accumulation_steps"

@@ -1,0 +1,93 @@
+"""What the trainer logs: loss and throughput windows, per-layer norms and trust-ratio summaries.
+
+Per-layer statistics come from the layer-wise optimizers' telemetry (device tensors recorded by
+``step()``); they reach the host only here, once per log interval.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, reduce
+from torch import Tensor
+
+__all__ = [
+    "LAYER_STATS_FILE",
+    "LogWindow",
+    "adapted_layer_names",
+    "gather_layer_stats",
+    "trust_ratio_summary",
+]
+
+LAYER_STATS_FILE = "layer_stats.jsonl"  # per-layer norms per log step (tvlars_scale.plots layers)
+
+LayerStats = dict[str, dict[str, float]]
+
+
+class LogWindow:
+    """Loss and throughput since the last log line; device tensors until the log step."""
+
+    def __init__(self, step: int):
+        self.start_step, self.start_time = step, time.perf_counter()
+        self.loss_sum: Tensor | None = None
+
+    def add(self, loss: Tensor) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training (evaluation) does not count."""
+        self.start_time += seconds
+
+    def flush(self, step: int, global_batch_size: int) -> dict[str, float]:
+        num_steps = step - self.start_step
+        # collective: all_reduce(mean) of the window's summed loss over ranks.
+        mean_loss = reduce(self.loss_sum.float(), reduction="mean")
+        train_loss = (mean_loss / num_steps).item()  # host sync: once per log interval
+        seconds = time.perf_counter() - self.start_time
+        self.start_step, self.start_time, self.loss_sum = step, time.perf_counter(), None
+        return {
+            "train_loss": train_loss,
+            "samples_per_second": num_steps * global_batch_size / seconds,
+        }
+
+
+def adapted_layer_names(optimizer: torch.optim.Optimizer) -> set[str]:
+    """Names of the layers that get a trust ratio (the others are pinned to 1)."""
+    names = set()
+    for group in optimizer.param_groups:
+        if not group.get("adapt", True):
+            continue
+        for name, param in zip(group["param_names"], group["params"], strict=True):
+            if not (group.get("exclude_1d", True) and param.ndim <= 1):
+                names.add(name)
+    return names
+
+
+def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> LayerStats:
+    """The last step's per-layer norms and trust ratios of every layer ({} for plain SGD)."""
+    if not hasattr(optimizer, "layer_stats"):
+        return {}
+    stats = optimizer.layer_stats()  # host sync (inside layer_stats)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Under ZeRO a rank only records the layers it holds a piece of.
+        # collective: all_gather_object of every rank's per-layer statistics.
+        merged: LayerStats = {}
+        for rank_stats in gather_object([stats]):
+            merged.update(rank_stats)
+        stats = merged
+    return stats
+
+
+def trust_ratio_summary(stats: LayerStats, adapted_layers: set[str]) -> dict[str, float]:
+    """min / median / max of the trust ratios of the adapted layers."""
+    ratios = [s["trust_ratio"] for name, s in stats.items() if name in adapted_layers]
+    if not ratios:
+        return {}
+    return {
+        "trust_ratio/min": min(ratios),
+        "trust_ratio/median": statistics.median(ratios),
+        "trust_ratio/max": max(ratios),
+    }
