@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "LAYER_STATS_FILE",
     "LogWindow",
+    "StatsByLayer",
     "adapted_layer_names",
     "gather_layer_stats",
     "trust_ratio_summary",
@@ -24,7 +25,8 @@ __all__ = [
 
 LAYER_STATS_FILE = "layer_stats.jsonl"  # per-layer norms per log step (tvlars_scale.plots layers)
 
-LayerStats = dict[str, dict[str, float]]
+# layer name -> weight_norm / update_norm / trust_ratio of the last step
+StatsByLayer = dict[str, dict[str, float]]
 
 
 class LogWindow:
@@ -66,7 +68,7 @@ def adapted_layer_names(optimizer: torch.optim.Optimizer) -> set[str]:
     return names
 
 
-def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> LayerStats:
+def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> StatsByLayer:
     """The last step's per-layer norms and trust ratios of every layer ({} for plain SGD)."""
     if not hasattr(optimizer, "layer_stats"):
         return {}
@@ -74,14 +76,14 @@ def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerato
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Under ZeRO a rank only records the layers it holds a piece of.
         # collective: all_gather_object of every rank's per-layer statistics.
-        merged: LayerStats = {}
+        merged: StatsByLayer = {}
         for rank_stats in gather_object([stats]):
             merged.update(rank_stats)
         stats = merged
     return stats
 
 
-def trust_ratio_summary(stats: LayerStats, adapted_layers: set[str]) -> dict[str, float]:
+def trust_ratio_summary(stats: StatsByLayer, adapted_layers: set[str]) -> dict[str, float]:
     """min / median / max of the trust ratios of the adapted layers."""
     ratios = [s["trust_ratio"] for name, s in stats.items() if name in adapted_layers]
     if not ratios:

@@ -71,6 +71,7 @@ from tvlars_scale.tasks import MicroBatch, MicroBatches, Task, build_task
 from tvlars_scale.telemetry import (
     LAYER_STATS_FILE,
     LogWindow,
+    StatsByLayer,
     adapted_layer_names,
     gather_layer_stats,
     trust_ratio_summary,
@@ -536,25 +537,25 @@ class Trainer:
 
     def _log_training(self, progress: tqdm) -> None:
         values = self._window.flush(self.state.step, self.plan.global_batch_size)
-        values["lr"] = self.optimizer_client.param_groups[0]["lr"]
+        lr = values["lr"] = self.optimizer_client.param_groups[0]["lr"]
         phi = getattr(self.optimizer_client, "last_phi", None)
         if phi is not None:
             values["phi_t"] = phi
         stats = gather_layer_stats(self.optimizer_client, self.accelerator)
         if stats:
-            self._append_layer_stats(stats)
+            self._append_layer_stats(stats, lr, phi)
             values.update(trust_ratio_summary(stats, self.adapted_layers))
         self.accelerator.log(values, step=self.state.step)
         progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{values['lr']:.3g}")
 
-    def _append_layer_stats(self, stats: dict[str, dict[str, float]]) -> None:
+    def _append_layer_stats(self, stats: StatsByLayer, lr: float, phi: float | None) -> None:
         """One JSON line per log step: the data of the paper's Figure 2 (per-layer norms)."""
         if not self.accelerator.is_main_process:
             return
         record = {
             "step": self.state.step,
-            "lr": self.optimizer_client.param_groups[0]["lr"],
-            "phi_t": getattr(self.optimizer_client, "last_phi", None),
+            "lr": lr,
+            "phi_t": phi,
             "layers": stats,
         }
         with open(self.run_dir / LAYER_STATS_FILE, "a") as stream:

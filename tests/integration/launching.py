@@ -12,12 +12,31 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "tests" / "distributed"))
 from multiproc import free_port  # noqa: E402  (the suite's one free-port helper)
 
-__all__ = ["REPO_ROOT", "free_port", "launch", "read_metrics", "train_command", "trainer_env"]
+__all__ = [
+    "REPO_ROOT",
+    "accelerate_launcher",
+    "free_port",
+    "launch",
+    "read_metrics",
+    "train_command",
+    "trainer_env",
+]
 
 
 def trainer_env() -> dict[str, str]:
     # Two cores shared by the whole suite: one thread per process avoids OpenMP oversubscription.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def accelerate_launcher(config_file: str, *options: str) -> tuple[str, ...]:
+    """``accelerate launch`` options for a shipped launch file (``launch/NAME``) on a free port."""
+    return (
+        "--config_file",
+        f"launch/{config_file}",
+        *options,
+        "--main_process_port",
+        str(free_port()),
+    )
 
 
 def train_command(*train_args: str, launcher: tuple[str, ...] = ()) -> list[str]:

@@ -11,7 +11,15 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from launching import REPO_ROOT, free_port, launch, read_metrics, train_command, trainer_env
+from launching import (
+    REPO_ROOT,
+    accelerate_launcher,
+    free_port,
+    launch,
+    read_metrics,
+    train_command,
+    trainer_env,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tvlars_scale.config import load_config
@@ -64,12 +72,7 @@ def zero2_quick_start(tmp_path_factory) -> dict:
             "--config",
             QUICK_START,
             f"run.output_dir={run_dir}",
-            launcher=(
-                "--config_file",
-                "launch/accelerate_zero2.yaml",
-                "--main_process_port",
-                str(free_port()),
-            ),
+            launcher=accelerate_launcher("accelerate_zero2.yaml"),
         )
     )
     return {"stdout": result.stdout, "metrics": read_metrics(run_dir)}
@@ -136,14 +139,7 @@ def test_ddp_node_recipe_matches_zero2(zero2_quick_start, tmp_path):
     # Plain DDP (every rank steps whole layers) against ZeRO-2 (layers cut into flat partitions):
     # the same training up to the order of floating-point sums in the gradient reduction.
     run_dir = tmp_path / "run"
-    launcher = (
-        "--config_file",
-        "launch/accelerate_node.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-    )
+    launcher = accelerate_launcher("accelerate_node.yaml", "--num_processes", "2")
     overrides = [f"run.output_dir={run_dir}", "run.num_epochs=2"]
     result = launch(train_command("--config", QUICK_START, *overrides, launcher=launcher))
     assert "effective batch 256 = 32 micro x 4 accumulation x 2 ranks" in result.stdout
@@ -208,12 +204,7 @@ def test_effective_batch_16384_on_two_ranks(tmp_path):
         "batch.global_batch_size=16384",
         "batch.micro_batch_size=64",
     ]
-    launcher = (
-        "--config_file",
-        "launch/accelerate_zero2.yaml",
-        "--main_process_port",
-        str(free_port()),
-    )
+    launcher = accelerate_launcher("accelerate_zero2.yaml")
     result = launch(train_command("--config", QUICK_START, *overrides, launcher=launcher))
     assert "effective batch 16384 = 64 micro x 128 accumulation x 2 ranks" in result.stdout
     metrics = read_metrics(run_dir)
@@ -227,12 +218,7 @@ def test_bf16_under_zero2(tmp_path):
     # DeepSpeed keeps bf16 weights and does not cast inputs: the trainer autocasts the forward.
     run_dir = tmp_path / "run"
     overrides = [f"run.output_dir={run_dir}", "run.mixed_precision=bf16", "run.num_epochs=3"]
-    launcher = (
-        "--config_file",
-        "launch/accelerate_zero2.yaml",
-        "--main_process_port",
-        str(free_port()),
-    )
+    launcher = accelerate_launcher("accelerate_zero2.yaml")
     launch(train_command("--config", QUICK_START, *overrides, launcher=launcher))
     history = read_metrics(run_dir)["history"]
     assert history[-1]["test_loss"] < history[0]["test_loss"]
