@@ -3,7 +3,7 @@
 Compares TVLARS (multi-tensor and per-tensor paths) against two named baselines measured in the same run:
 ``torch.optim.SGD(momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=True)`` and timm's ``Lars``.
 Methods are interleaved round by round so that machine noise hits them alike; medians over all steps.
-Prints a table, then one JSON line. ``python benchmarks/optimizer_step.py [--steps 12] [--rounds 3]``.
+Prints a table, then one JSON line. ``python benchmarks/optimizer_step.py [--steps 12] [--rounds 5]``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def make_methods(model: torch.nn.Module) -> dict[str, callable]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: torch's)"
@@ -71,6 +71,15 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
 
     medians = {name: statistics.median(times) for name, (_, times) in runs.items()}
+    # The spread of the headline ratio across rounds shows how much of it is machine noise.
+    timm_ratio_by_round = [
+        statistics.median(ours) / statistics.median(theirs)
+        for ours, theirs in zip(
+            _rounds(runs["tvlars_foreach"][1], args.steps),
+            _rounds(runs["timm_lars"][1], args.steps),
+            strict=True,
+        )
+    ]
     bytes_per_step = MIN_PASSES * 4 * num_params
     print(
         f"{args.model}: {num_params / 1e6:.1f}M parameters in {num_tensors} tensors, "
@@ -83,6 +92,10 @@ def main() -> None:
             f"{bytes_per_step / seconds / 1e9:>10.2f}"
         )
     print("GB/s counts the bytes a momentum update must move: read w, g, buffer; write w, buffer.")
+    print(
+        "tvlars_foreach / timm_lars by round: "
+        + " ".join(f"{ratio:.3f}" for ratio in timm_ratio_by_round)
+    )
     result = {
         "benchmark": "optimizer_step",
         "model": args.model,
@@ -93,8 +106,16 @@ def main() -> None:
         "tvlars_foreach/sgd_foreach": round(medians["tvlars_foreach"] / medians["sgd_foreach"], 3),
         "tvlars_foreach/timm_lars": round(medians["tvlars_foreach"] / medians["timm_lars"], 3),
         "tvlars_foreach_GBps": round(bytes_per_step / medians["tvlars_foreach"] / 1e9, 2),
+        "tvlars_foreach/timm_lars_range": [
+            round(min(timm_ratio_by_round), 3),
+            round(max(timm_ratio_by_round), 3),
+        ],
     }
     print(json.dumps(result))
+
+
+def _rounds(times: list[float], steps: int) -> list[list[float]]:
+    return [times[i : i + steps] for i in range(0, len(times), steps)]
 
 
 if __name__ == "__main__":

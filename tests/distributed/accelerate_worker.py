@@ -38,6 +38,8 @@ def main(output_path: str, optimizer_name: str) -> None:
     params = tiny_training.gather_parameters(engine.module)
     if accelerator.is_main_process:
         torch.save(params, output_path)
+    # Nobody leaves the process group (end_training destroys it) while a peer may still use it.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

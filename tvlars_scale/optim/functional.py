@@ -10,16 +10,50 @@ Each algorithm is split in two halves around the per-layer norm reduction:
 
 Every operation goes through an ``ops`` executor: :data:`FOREACH` calls ``torch._foreach_*`` (one
 dispatch per list, fused multi-tensor kernels where the device has them), :data:`LOOP` runs the same
-per-tensor op in Python. Both execute identical arithmetic in the same order, so the two paths agree.
+per-tensor op in Python. Both execute identical arithmetic in the same order, so the two paths agree;
+on the CPU, where ``torch._foreach_*`` is itself a per-tensor loop, FOREACH takes the per-tensor form
+wherever that moves fewer bytes, and both share :func:`sum_of_squares` for the norms.
 """
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
 
 Tensors = list[torch.Tensor]
+
+
+# Mean elements per tensor below which one multi-tensor call beats a Python loop of per-tensor ops
+# (resnet50's 1-D parameters average ~500 elements; its conv weights ~400K).
+SMALL_TENSOR_NUMEL = 1 << 14
+
+
+def _small_tensors(xs: Tensors) -> bool:
+    return sum(x.numel() for x in xs) < SMALL_TENSOR_NUMEL * len(xs)
+
+
+def sum_of_squares(xs: Tensors) -> torch.Tensor:
+    """``||x||^2`` of each tensor as one 1-D tensor, accumulated in float32 at least.
+
+    Shared by both executors. On the CPU, for tensors of useful size, a BLAS dot of the flat tensor
+    with itself runs at twice the speed of the norm reduction and is at least as accurate (measured on
+    resnet50's layers, where the norms were a quarter of a layer-wise step). Like the sharded
+    reduction's squares, it overflows float32 above norms of ~1.8e19.
+    """
+    if xs[0].device.type == "cpu" and not _small_tensors(xs):
+        return torch.stack([_dot_with_itself(x) for x in xs])
+    accumulate = functools.reduce(torch.promote_types, {x.dtype for x in xs}, torch.float32)
+    return torch.stack(torch._foreach_norm(xs, 2, dtype=accumulate)).square()
+
+
+def _dot_with_itself(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
+        flat = x.view(-1)
+        return torch.dot(flat, flat)
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    return torch.linalg.vector_norm(x, dtype=accumulate).square()
 
 
 def _loop_ops() -> SimpleNamespace:
@@ -59,31 +93,55 @@ def _loop_ops() -> SimpleNamespace:
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.addcmul_(y, z, value=value)
 
-    def norm(xs):
-        return [torch.linalg.vector_norm(x) for x in xs]
-
     return SimpleNamespace(
         **{
             f.__name__: f
-            for f in (add_, add_into, add_scalar_, mul_, copy_, sqrt_, reciprocal_, addcmul_, norm)
+            for f in (
+                add_,
+                add_into,
+                add_scalar_,
+                mul_,
+                copy_,
+                sqrt_,
+                reciprocal_,
+                addcmul_,
+                sum_of_squares,
+            )
         }
     )
+
+
+def _foreach_add_into(out: Tensors, xs: Tensors, ys: Tensors, alpha: float = 1.0) -> None:
+    if _small_tensors(xs):
+        # Two multi-tensor calls instead of a Python loop; every sum exists before any is written,
+        # so ``out`` may be ``ys``.
+        torch._foreach_copy_(out, torch._foreach_add(xs, ys, alpha=alpha))
+    else:
+        # torch has no foreach op with out=: one add per tensor writes into ``out`` in one pass,
+        # where copy_ + add_ would take two.
+        LOOP.add_into(out, xs, ys, alpha)
 
 
 LOOP = _loop_ops()
 FOREACH = SimpleNamespace(
     add_=torch._foreach_add_,
-    # torch has no foreach op with out=: one add per tensor writes into the scratch in one pass,
-    # where copy_ + add_ would take two.
-    add_into=LOOP.add_into,
+    add_into=_foreach_add_into,
     add_scalar_=torch._foreach_add_,
     mul_=torch._foreach_mul_,
     copy_=torch._foreach_copy_,
     sqrt_=torch._foreach_sqrt_,
     reciprocal_=torch._foreach_reciprocal_,
     addcmul_=torch._foreach_addcmul_,
-    norm=torch._foreach_norm,
+    sum_of_squares=sum_of_squares,
 )
+
+
+def ratio_or_one(
+    ratio: torch.Tensor, weight_norm: torch.Tensor, update_norm: torch.Tensor
+) -> torch.Tensor:
+    """The trust ratio where both norms are positive, else 1 (a zero or NaN norm leaves the step
+    unscaled). ``torch.where``, not a Python branch: no host sync."""
+    return torch.where(torch.minimum(weight_norm, update_norm) > 0, ratio, 1.0)
 
 
 def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tensors) -> Tensors:

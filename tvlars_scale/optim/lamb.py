@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import LayerwiseOptimizer
-from .functional import lamb_direction, scaled_apply
+from .functional import lamb_direction, ratio_or_one, scaled_apply
 from .tvlars import _check_nonnegative
 
 __all__ = ["LAMB"]
@@ -71,8 +69,7 @@ class LAMB(LayerwiseOptimizer):
 
     def _trust(self, group, weight_norm, update_norm, step):
         weight_norm = weight_norm.clamp(0, group["clamp_value"])
-        ratio = weight_norm / update_norm
-        return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+        return ratio_or_one(weight_norm / update_norm, weight_norm, update_norm)
 
     def _apply(self, group, ops, w, d, states, trust, step):
         scaled_apply(ops, w, d, list(trust.unbind(0)), group["lr"])

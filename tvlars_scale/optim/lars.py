@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import LayerwiseOptimizer
-from .functional import decayed_gradient, heavy_ball_apply
+from .functional import decayed_gradient, heavy_ball_apply, ratio_or_one
 from .tvlars import _check_nonnegative
 
 __all__ = ["LARS"]
@@ -69,7 +67,7 @@ class LARS(LayerwiseOptimizer):
             * weight_norm
             / (grad_norm + group["weight_decay"] * weight_norm + group["eps"])
         )
-        return torch.where((weight_norm > 0) & (grad_norm > 0), ratio, torch.ones_like(ratio))
+        return ratio_or_one(ratio, weight_norm, grad_norm)
 
     def _apply(self, group, ops, w, d, states, trust, step):
         heavy_ball_apply(

@@ -74,28 +74,24 @@ class ShardedLayout:
 
 
 def layer_norms(
-    weight_piece_norms: list[torch.Tensor],
-    update_piece_norms: list[torch.Tensor],
+    piece_squares: torch.Tensor | None,
     piece_to_layer: torch.Tensor | None,
     num_layers: int,
     process_group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-layer norms from the norms of the pieces this rank holds.
+    """Whole-layer weight and update norms from the squared norms of the pieces this rank holds.
 
-    ``piece_to_layer`` is ``None`` when every piece is a whole layer, in order (nothing is sharded):
-    the piece norms are then the layer norms and no collective runs. Otherwise the squared piece norms
+    ``piece_squares`` is ``2 x P``: row 0 the weights', row 1 the updates' (``None``: this rank holds
+    no piece). ``piece_to_layer`` is ``None`` when every piece is a whole layer, in order (nothing is
+    sharded): the piece norms are then the layer norms and no collective runs. Otherwise the squares
     are summed per layer and all-reduced once.
     """
     if piece_to_layer is None:
-        return torch.stack(weight_piece_norms), torch.stack(update_piece_norms)
+        weight_norm, update_norm = piece_squares.sqrt().unbind(0)
+        return weight_norm, update_norm
     sums = torch.zeros(2, num_layers, dtype=torch.float32, device=piece_to_layer.device)
-    if weight_piece_norms:  # a rank may hold only padding of this (sub-)group
-        piece_squares = (
-            torch.stack([torch.stack(weight_piece_norms), torch.stack(update_piece_norms)])
-            .float()
-            .square()
-        )
-        sums.index_add_(1, piece_to_layer, piece_squares)
+    if piece_squares is not None:
+        sums.index_add_(1, piece_to_layer, piece_squares.float())
     # collective: the only one per step() call -- 2 x K float32 (8 bytes per layer), SUM over data-parallel ranks.
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
     weight_norm, update_norm = sums.sqrt().unbind(0)

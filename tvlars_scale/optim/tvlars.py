@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from . import schedules
 from .base import LayerwiseOptimizer
-from .functional import decayed_gradient, heavy_ball_apply, tvlars_apply
+from .functional import decayed_gradient, heavy_ball_apply, ratio_or_one, tvlars_apply
 
 __all__ = ["TVLARS"]
 
@@ -137,9 +135,7 @@ class TVLARS(LayerwiseOptimizer):
             coefficient = group["eta"] * self.phi(group, step)
         else:
             coefficient = group["eta"]
-        ratio = coefficient * weight_norm / update_norm
-        # torch.where, not a Python branch: no host sync. A zero norm gives trust 1 (0/0 is masked).
-        return torch.where((weight_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+        return ratio_or_one(coefficient * weight_norm / update_norm, weight_norm, update_norm)
 
     def _apply(self, group, ops, w, d, states, trust, step):
         phi = self.phi(group, step)
