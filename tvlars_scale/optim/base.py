@@ -156,8 +156,9 @@ class LayerwiseOptimizer(Optimizer):
                 d, x = self._direction(
                     bucket.group, ops, w, g, states, self._decay(bucket), step, out
                 )
-                squares = ops.sum_of_squares(w + x).view(2, len(w))
-                weight_norm, update_norm = layer_norms(squares, None, len(w), None)
+                weight_norm, update_norm = layer_norms(
+                    _piece_squares(ops, w, x), None, len(w), None
+                )
                 self._finish(bucket, ops, w, d, states, weight_norm, update_norm, step, norms)
             self._record(bucket, step, *(torch.cat(parts) for parts in zip(*norms, strict=True)))
 
@@ -173,7 +174,7 @@ class LayerwiseOptimizer(Optimizer):
                 d, x = self._direction(
                     bucket.group, ops, w, g, states, self._decay(bucket), step, out
                 )
-                piece_squares.append(ops.sum_of_squares(w + x).view(2, len(w)))
+                piece_squares.append(_piece_squares(ops, w, x))
                 pending.append((bucket, chunk, step, w, d, states))
         # A rank may hold only padding of this (sub-)group: no pieces, zeros for every layer.
         weight_norm, update_norm = layer_norms(
@@ -212,13 +213,10 @@ class LayerwiseOptimizer(Optimizer):
         if cached is not None and cached[0] is buffer:
             return cached[1]
         sizes = [t.numel() for t in like]
-        if buffer is None or buffer.numel() < sum(sizes):
-            buffer = self._scratch_buffers[key] = torch.empty(
-                sum(sizes), device=key[0], dtype=key[1]
-            )
-        views = [
-            view.view_as(t) for view, t in zip(buffer[: sum(sizes)].split(sizes), like, strict=True)
-        ]
+        numel = sum(sizes)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch_buffers[key] = torch.empty(numel, device=key[0], dtype=key[1])
+        views = [view.view_as(t) for view, t in zip(buffer[:numel].split(sizes), like, strict=True)]
         bucket.scratch_views[chunk.start] = (buffer, views)
         return views
 
@@ -373,3 +371,8 @@ class LayerwiseOptimizer(Optimizer):
             )
             for piece in entry.pieces
         ]
+
+
+def _piece_squares(ops, w: list[torch.Tensor], x: list[torch.Tensor]) -> torch.Tensor:
+    """The ``2 x P`` matrix :func:`layer_norms` reads: squared norms of the weights, then of ``x``."""
+    return ops.sum_of_squares(w + x).view(2, len(w))
