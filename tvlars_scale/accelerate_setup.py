@@ -1,23 +1,38 @@
-"""Accelerate and DeepSpeed set up for a batch plan: the processes, the batch the engine runs, autocast.
+"""Accelerate and DeepSpeed set up for a batch plan: the processes, the batch the engine runs, autocast,
+and one optimizer step's gradient accumulation.
 
 Under DeepSpeed the trainer, not the JSON, decides the batch: :func:`put_plan_into_deepspeed` writes
 the plan into the plugin's config before ``prepare`` (a JSON value that disagrees is refused), and
 :func:`check_engine_plan` asks the engine afterwards what it really runs (Accelerate only warns).
+Accelerate's DeepSpeed optimizer wrapper's ``step()`` is a no-op: the engine steps inside the last
+micro-batch's backward. :func:`prepare` then binds a layer-wise optimizer to the ZeRO partitions it
+is handed (``bind_zero``), so its per-layer norms cover whole layers.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch import Tensor, nn
 
+from tvlars_scale import fault_injection
 from tvlars_scale.batching import BatchPlan
 from tvlars_scale.config import Config, ConfigError
+from tvlars_scale.nonfinite import check_deepspeed_skips_nonfinite
+from tvlars_scale.optim import bind_zero
 
-__all__ = ["check_engine_plan", "deepspeed_autocast", "make_accelerator", "put_plan_into_deepspeed"]
+__all__ = [
+    "StepAccumulation",
+    "check_engine_plan",
+    "deepspeed_autocast",
+    "make_accelerator",
+    "prepare",
+    "put_plan_into_deepspeed",
+]
 
 
 def make_accelerator(config: Config) -> Accelerator:
@@ -26,8 +41,9 @@ def make_accelerator(config: Config) -> Accelerator:
         raise ConfigError("run.mixed_precision", "fp16 needs a GPU; use bf16 on the CPU")
     handlers, cpu = [], False
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without the gloo handler Accelerate reports num_processes == 1 on every CPU rank
-        # (DESIGN.md section 5); with it and a single process, Accelerate asks for a process group
+        # Without the gloo handler Accelerate reports num_processes == 1 on every CPU rank: with no
+        # GPU it names no process-group backend, and it treats "no backend" as no distributed
+        # training. With the handler and a single process, Accelerate asks for a process group
         # that does not exist.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         # Without cpu=True several CPU processes get DistributedType.NO: no DDP wrapper, so no
@@ -100,3 +116,49 @@ def check_engine_plan(engine, accelerator: Accelerator, plan: BatchPlan) -> None
             f"DeepSpeed runs micro batch {actual[0]}, accumulation {actual[1]}, train batch "
             f"{actual[2]} (Accelerate accumulation {actual[3]}), not {plan.describe()}"
         )
+
+
+def prepare(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
+) -> tuple[nn.Module, torch.optim.Optimizer, AbstractContextManager]:
+    """``accelerator.prepare`` with the plan put into DeepSpeed and checked, the layer-wise
+    optimizer bound to its ZeRO partitions; returns the prepared model and optimizer and the extra
+    autocast the forward passes need (only DeepSpeed's half precision needs one)."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        put_plan_into_deepspeed(accelerator, plan)
+    prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if not deepspeed:
+        return prepared_model, prepared_optimizer, nullcontext()
+    check_engine_plan(prepared_model, accelerator, plan)
+    if hasattr(optimizer, "bind_layout"):
+        bind_zero(prepared_model)
+    try:
+        check_deepspeed_skips_nonfinite(prepared_model)
+    except ValueError as error:
+        raise ConfigError("deepspeed", str(error)) from None
+    return prepared_model, prepared_optimizer, deepspeed_autocast(prepared_model)
+
+
+class StepAccumulation:
+    """One optimizer step's accumulation context for the task (:class:`tvlars_scale.tasks.Accumulation`)."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        precision: AbstractContextManager,
+        attempt: int,
+    ):
+        self.accelerator, self.model, self.precision = accelerator, model, precision
+        self.attempt = attempt  # for fault_injection's NaN hook
+        self.num_micro_batches = 0
+
+    @contextmanager
+    def micro_batch(self):
+        self.num_micro_batches += 1
+        with self.accelerator.accumulate(self.model), self.precision:
+            yield
+
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(fault_injection.nan_if_requested(loss, self.attempt))

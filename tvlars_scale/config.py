@@ -10,12 +10,16 @@ is not a number, unknown keys are refused); every user error becomes a :class:`C
 the command line prints as ONE line, ``config error: <dotted.key>: <problem>``, before exiting
 with status 2 and before anything is written.
 
-Checks that need the world size or the dataset (batch divisibility over ranks, a global batch
-larger than the training set) run in :meth:`tvlars_scale.trainer.Trainer.setup` and raise the
-same :class:`ConfigError`.
+The ``optim``, ``schedule`` and ``task`` sections are unions keyed by their ``name``: each class
+holds exactly what that optimizer (its constructor's arguments), schedule or task takes, so a
+setting of another one is refused, naming who takes it. ``optim.name=lars`` on the command line
+over a file that configures TVLARS switches the whole section: the file's settings LARS shares
+(``lr``, ``weight_decay``...) are kept, the others dropped. Extending: append the new class to
+``OPTIM_CONFIGS`` / ``SCHEDULE_CONFIGS`` / ``TASK_CONFIGS`` and let :mod:`tvlars_scale.build` build it.
 
-Extending: a task adds its own section class to ``TaskConfig`` below (a union keyed by
-``task.name``).
+Checks that need the world size or the dataset (batch divisibility over ranks, a global batch
+larger than the training set) run in the build phase (:mod:`tvlars_scale.build`) and raise the
+same :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -37,9 +41,15 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LAMBConfig",
+    "LARSConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SGDConfig",
+    "ScheduleConfig",
+    "TVLARSConfig",
+    "TVLARSOfficialConfig",
     "load_config",
     "reference_markdown",
 ]
@@ -129,37 +139,106 @@ class BatchConfig(_Section):
     """Batch size at which optim.lr is given when lr_scaling is not none."""
 
 
-class OptimConfig(_Section):
-    name: Literal["tvlars", "tvlars_official", "lars", "lamb", "sgd"] = "tvlars"
-    """Optimizer: tvlars (paper, Algorithm 1), tvlars_official (authors' code), lars, lamb, sgd."""
+class _OptimBase(_Section):
+    """Fields every optimizer takes; each subclass adds exactly its constructor's own arguments."""
+
     lr: float = Field(1.0, gt=0)
-    """Target learning rate (at base_batch_size when batch.lr_scaling is not none)."""
+    """Target learning rate (at batch.base_batch_size when batch.lr_scaling is not none)."""
     weight_decay: float = Field(5e-4, ge=0)
-    """L2 weight decay (excluded for 1-D parameters when exclude_1d)."""
+    """L2 weight decay (not applied to 1-D parameters and biases)."""
+
+
+class TVLARSConfig(_OptimBase):
+    name: Literal["tvlars"] = "tvlars"
+    """TVLARS as in the paper (Algorithm 1): tvlars_scale.optim.TVLARS(variant="paper")."""
     momentum: float = Field(0.9, ge=0, lt=1)
-    """Momentum (tvlars, lars, sgd); LAMB uses betas."""
+    """Momentum mu of the m-recursion."""
     eta: float = Field(1e-3, gt=0)
-    """Trust coefficient of the layer-wise trust ratio (tvlars, lars)."""
+    """Trust coefficient of the layer-wise trust ratio."""
     lmbda: float = Field(1e-4, ge=0)
-    """TVLARS decay steepness lambda of phi_t (per optimizer step)."""
+    """Decay steepness lambda of phi_t (per optimizer step)."""
     alpha: float = Field(1.0, gt=0)
-    """TVLARS alpha in phi_t = 1 / (alpha + exp(lmbda (t - d))) + gamma_min."""
+    """alpha in phi_t = 1 / (alpha + exp(lmbda (t - d))) + gamma_min."""
     gamma_min: float = Field(0.0, ge=0)
-    """TVLARS floor added to phi_t."""
+    """Floor added to phi_t."""
     delay_epochs: float = Field(10.0, ge=0)
-    """TVLARS delay d in epochs, converted to optimizer steps from the real steps per epoch."""
-    warmup_epochs: float = Field(0.0, ge=0)
-    """Linear warm-up length in epochs for schedule warmup_cosine."""
-    schedule: Literal["constant", "warmup_cosine", "poly"] = "constant"
-    """LR multiplier over optimizer steps: constant, warm-up then cosine, or polynomial decay."""
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Final LR as a fraction of the peak for warmup_cosine and poly."""
-    poly_power: float = Field(2.0, gt=0)
-    """Exponent of the poly schedule."""
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
-    """LAMB's Adam coefficients (beta1, beta2)."""
+    """Delay d in epochs, passed as delay_steps (optimizer steps) from the real steps per epoch."""
     exclude_1d: bool = True
     """1-D parameters (biases, norm layers) get no weight decay and trust ratio 1."""
+
+
+class TVLARSOfficialConfig(_OptimBase):
+    name: Literal["tvlars_official"] = "tvlars_official"
+    """TVLARS as in the authors' reference code: TVLARS(variant="official"), phi_t = 1 / (0.1 +
+    exp(lmbda (t + 1))), so it has no alpha, gamma_min or delay."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """Heavy-ball momentum."""
+    eta: float = Field(1e-3, gt=0)
+    """Trust coefficient of the layer-wise trust ratio."""
+    lmbda: float = Field(1e-4, ge=0)
+    """Decay steepness lambda of phi_t (per optimizer step)."""
+    exclude_1d: bool = True
+    """1-D parameters (biases, norm layers) get no weight decay and step at the raw lr."""
+
+
+class LARSConfig(_OptimBase):
+    name: Literal["lars"] = "lars"
+    """LARS as in Lightning Flash: tvlars_scale.optim.LARS."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum."""
+    eta: float = Field(1e-3, gt=0)
+    """Trust coefficient of the layer-wise trust ratio."""
+    eps: float = Field(1e-8, ge=0)
+    """Added to the trust ratio's denominator."""
+    nesterov: bool = False
+    """Nesterov momentum."""
+    exclude_1d: bool = True
+    """1-D parameters (biases, norm layers) get no weight decay and trust ratio 1."""
+
+
+class LAMBConfig(_OptimBase):
+    name: Literal["lamb"] = "lamb"
+    """LAMB as in pytorch-optimizer: tvlars_scale.optim.LAMB."""
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    """Adam coefficients (beta1, beta2)."""
+    eps: float = Field(1e-6, ge=0)
+    """Adam's epsilon."""
+    clamp_value: float = Field(10.0, ge=0)
+    """The weight norm of the trust ratio is clamped to [0, clamp_value]."""
+    exclude_1d: bool = True
+    """1-D parameters (biases, norm layers) get no weight decay and trust ratio 1."""
+
+
+class SGDConfig(_OptimBase):
+    name: Literal["sgd"] = "sgd"
+    """torch.optim.SGD (no layer-wise adaptation), for comparison."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """Momentum."""
+    nesterov: bool = False
+    """Nesterov momentum."""
+
+
+class ConstantScheduleConfig(_Section):
+    name: Literal["constant"] = "constant"
+    """The LR stays at its peak (TVLARS: phi_t is the schedule)."""
+
+
+class WarmupCosineScheduleConfig(_Section):
+    name: Literal["warmup_cosine"] = "warmup_cosine"
+    """Linear warm-up to the peak, then cosine: lr q + lr_min (1 - q), q = (1 + cos(pi t / T)) / 2."""
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Warm-up length in epochs, converted to optimizer steps from the real steps per epoch."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final LR as a fraction of the peak."""
+
+
+class PolyScheduleConfig(_Section):
+    name: Literal["poly"] = "poly"
+    """Polynomial decay from the peak: lr_min + (lr - lr_min) (1 - t / T)^power."""
+    power: float = Field(2.0, gt=0)
+    """Exponent of the decay."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final LR as a fraction of the peak."""
 
 
 class ClassificationTaskConfig(_Section):
@@ -189,20 +268,44 @@ class BarlowTwinsTaskConfig(_Section):
     """Weight decay of the linear classifier's SGD."""
 
 
-def _task_name(value: Any) -> str:
-    # `task.name` may be omitted: the task section then means classification.
-    if isinstance(value, dict):
-        return value.get("name", "classification")
-    return getattr(value, "name", "classification")
+def _union(variants: tuple[type[_Section], ...]) -> Any:
+    """A section that is one of ``variants``, chosen by its ``name`` field (the first when omitted)."""
+    default = variants[0].model_fields["name"].default
+
+    def name_of(value: Any) -> str:
+        if isinstance(value, dict):
+            return value.get("name", default)
+        return getattr(value, "name", default)
+
+    tagged = tuple(Annotated[cls, Tag(cls.model_fields["name"].default)] for cls in variants)
+    return Annotated[Union[tagged], Discriminator(name_of)]  # noqa: UP007
 
 
-# Every task's section; a new task appends its class (its `name` field's default is its tag).
+# Sections that are one of several classes keyed by `name`; a new optimizer, schedule or task
+# appends its class (its `name` field's default is its tag; the first is the default).
+OPTIM_CONFIGS: tuple[type[_Section], ...] = (
+    TVLARSConfig,
+    TVLARSOfficialConfig,
+    LARSConfig,
+    LAMBConfig,
+    SGDConfig,
+)
+SCHEDULE_CONFIGS: tuple[type[_Section], ...] = (
+    ConstantScheduleConfig,
+    WarmupCosineScheduleConfig,
+    PolyScheduleConfig,
+)
 TASK_CONFIGS: tuple[type[_Section], ...] = (ClassificationTaskConfig, BarlowTwinsTaskConfig)
+UNIONS: dict[str, tuple[tuple[type[_Section], ...], str]] = {
+    "optim": (OPTIM_CONFIGS, "optimizer"),
+    "schedule": (SCHEDULE_CONFIGS, "schedule"),
+    "task": (TASK_CONFIGS, "task"),
+}
+"""Section -> (its classes, what its name names)."""
 
-TaskConfig = Annotated[
-    Union[tuple(Annotated[cls, Tag(cls.model_fields["name"].default)] for cls in TASK_CONFIGS)],  # noqa: UP007
-    Discriminator(_task_name),
-]
+OptimConfig = _union(OPTIM_CONFIGS)
+ScheduleConfig = _union(SCHEDULE_CONFIGS)
+TaskConfig = _union(TASK_CONFIGS)
 
 
 class CheckpointConfig(_Section):
@@ -227,13 +330,22 @@ class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     batch: BatchConfig = BatchConfig()
-    optim: OptimConfig = OptimConfig()
+    optim: OptimConfig = TVLARSConfig()
+    schedule: ScheduleConfig = ConstantScheduleConfig()
     task: TaskConfig = ClassificationTaskConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def to_yaml(self) -> str:
         """The resolved configuration, as written into the run directory."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        sections = self.model_dump(mode="json")
+        return yaml.safe_dump(
+            {key: dict(_name_first(values)) for key, values in sections.items()}, sort_keys=False
+        )
+
+
+def _name_first(fields: dict) -> list:
+    """A union section's items with its ``name`` first (the shared fields are declared before it)."""
+    return sorted(fields.items(), key=lambda item: item[0] != "name")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -271,11 +383,12 @@ def _apply_override(raw: dict, override: str) -> None:
 
 
 def _sections() -> list[tuple[str, type[BaseModel]]]:
-    """(section name, schema) pairs; the task section once per task."""
-    pairs = [
-        (name, field.annotation) for name, field in Config.model_fields.items() if name != "task"
-    ]
-    return pairs + [("task", cls) for cls in TASK_CONFIGS]
+    """(section name, schema) pairs; a union section once per class, in field order."""
+    pairs = []
+    for name, field in Config.model_fields.items():
+        variants = UNIONS[name][0] if name in UNIONS else (field.annotation,)
+        pairs += [(name, cls) for cls in variants]
+    return pairs
 
 
 def _known_keys() -> list[str]:
@@ -284,19 +397,38 @@ def _known_keys() -> list[str]:
     )
 
 
+def _variant_names(section: str) -> dict[str, type[_Section]]:
+    return {cls.model_fields["name"].default: cls for cls in UNIONS[section][0]}
+
+
 def _describe(error: dict) -> ConfigError:
     loc = [str(part) for part in error["loc"]]
-    # A tagged union puts the tag into the location (task.classification.x): drop it.
-    if loc[:1] == ["task"] and len(loc) > 1 and error["type"] != "union_tag_invalid":
-        loc = [loc[0], *loc[2:]]
+    union = loc[0] if loc and loc[0] in UNIONS else None
+    if union and error["type"] == "union_tag_invalid":
+        names = ", ".join(_variant_names(union))
+        what = UNIONS[union][1]
+        return ConfigError(
+            f"{union}.name", f"unknown {what} {error['input']['name']!r} (known: {names})"
+        )
+    variant = None
+    if union and len(loc) > 1:
+        # A tagged union puts the tag into the location (optim.lars.lr): drop it.
+        variant, loc = loc[1], [loc[0], *loc[2:]]
     key = ".".join(loc) or "config"
     if error["type"] == "extra_forbidden":
+        owners = (
+            [name for name, cls in _variant_names(union).items() if loc[-1] in cls.model_fields]
+            if union
+            else []
+        )
+        if owners:
+            return ConfigError(
+                key,
+                f"unknown key for {union}.name={variant} (a setting of {', '.join(owners)})",
+            )
         close = difflib.get_close_matches(key, _known_keys(), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         return ConfigError(key, f"unknown key{hint}")
-    if error["type"] == "union_tag_invalid":
-        known = ", ".join(cls.model_fields["name"].default for cls in TASK_CONFIGS)
-        return ConfigError("task.name", f"unknown task {error['input']['name']!r} (known: {known})")
     message = error["msg"][0].lower() + error["msg"][1:]
     got = repr(error["input"])
     got = got if len(got) <= 60 else got[:57] + "..."
@@ -314,7 +446,7 @@ def _validate(raw: dict) -> Config:
 
 def _check_consistency(config: Config) -> None:
     """Checks across fields: a setting that would be silently ignored is refused."""
-    batch, optim = config.batch, config.optim
+    batch = config.batch
     if batch.global_batch_size % batch.micro_batch_size:
         raise ConfigError(
             "batch.global_batch_size",
@@ -326,20 +458,26 @@ def _check_consistency(config: Config) -> None:
             close = difflib.get_close_matches(key, _known_keys(), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError("checkpoint.allow_changes", f"unknown key {key!r}{hint}")
-    if optim.warmup_epochs and optim.schedule != "warmup_cosine":
-        raise ConfigError(
-            "optim.warmup_epochs",
-            f"only the warmup_cosine schedule warms up, not {optim.schedule!r}",
-        )
-    if optim.name == "tvlars_official":
-        defaults = OptimConfig()
-        for key in ("alpha", "gamma_min"):
-            if getattr(optim, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f"optim.{key}",
-                    "tvlars_official fixes phi_t = 1 / (0.1 + exp(lmbda (t + 1))); "
-                    f"leave {key} at {getattr(defaults, key)}",
-                )
+
+
+def _switch_variants(raw: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """``optim.name=lars`` on the command line over a file that says ``tvlars`` switches the whole
+    section: the file's settings that LARS also takes (lr, weight_decay...) are kept, the TVLARS-only
+    ones (lmbda...) dropped. Overrides are still checked strictly."""
+    for section in UNIONS:
+        chosen = [
+            value
+            for key, _, value in (o.partition("=") for o in overrides)
+            if key == f"{section}.name"
+        ]
+        node = raw.get(section)
+        if not chosen or not isinstance(node, dict):
+            continue
+        variants = _variant_names(section)
+        new = variants.get(_parse_yaml(chosen[-1], f"{section}.name"))
+        old = node.get("name", next(iter(variants)))
+        if new is not None and new.model_fields["name"].default != old:
+            raw[section] = {key: value for key, value in node.items() if key in new.model_fields}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -354,21 +492,35 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), f"the top level must be a mapping, not {type(raw).__name__}")
+    _switch_variants(raw, overrides)
     for override in overrides:
         _apply_override(raw, override)
     return _validate(raw)
 
 
 def reference_markdown() -> str:
-    """Markdown table of every field: key, type, default, meaning (for the README)."""
+    """Markdown table of every field: key, type, default, meaning (for the README).
+
+    In a union section a field is listed once for all the classes that share it unchanged, its
+    meaning prefixed with the names that take it when not all of them do."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    listed: dict[tuple, list[str]] = {}  # (key, type, default, meaning) -> names that take it
     for section, model in _sections():
-        for name, field in model.model_fields.items():
+        for name, field in _name_first(model.model_fields):
             annotation = str(field.annotation).replace("typing.", "")
             annotation = re.sub(r"<class '(\w+)'>", r"\1", annotation).replace("|", "\\|")
             default = field.get_default(call_default_factory=True)
             meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-            rows.append(f"| `{section}.{name}` | {annotation} | `{default!r}` | {meaning} |")
+            row = (f"{section}.{name}", annotation, repr(default), meaning)
+            listed.setdefault(row, []).append(
+                getattr(model.model_fields.get("name"), "default", "")
+            )
+    for (key, annotation, default, meaning), names in listed.items():
+        section = key.split(".")[0]
+        shared_by_some = section in UNIONS and len(names) < len(UNIONS[section][0])
+        if shared_by_some and not key.endswith(".name"):
+            meaning = f"({section}.name: {', '.join(names)}) {meaning}"
+        rows.append(f"| `{key}` | {annotation} | `{default}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -23,7 +23,8 @@ __all__ = [
     "trust_ratio_summary",
 ]
 
-LAYER_STATS_FILE = "layer_stats.jsonl"  # per-layer norms per log step (tvlars_scale.plots layers)
+# per-layer norms per log step (read by tvlars_scale.paper.plots layers)
+LAYER_STATS_FILE = "layer_stats.jsonl"
 
 # layer name -> weight_norm / update_norm / trust_ratio of the last step
 StatsByLayer = dict[str, dict[str, float]]

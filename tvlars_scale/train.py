@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         config = load_config(args.config, args.overrides)
-        # Imported after validation: a config error is reported without loading torch/DeepSpeed.
+        # Imported after validation: a config error is reported before the trainer and Accelerate
+        # are imported (torch and timm are loaded already: tvlars_scale/__init__.py imports the
+        # optimizers and registers them with timm).
         from tvlars_scale.trainer import Trainer
 
         trainer = Trainer(config)

@@ -6,11 +6,11 @@ cd "$(dirname "$0")/../.."
 python=${PYTHON:-.venv/bin/python}
 out=results/digits_study
 
-OMP_NUM_THREADS=1 nice -n 10 "$python" -m tvlars_scale.grid run --grid configs/digits_study.yaml
-"$python" -m tvlars_scale.report runs/digits_study --rows batch > "$out/table.md"
-"$python" -m tvlars_scale.plots phi --out "$out/phi_lambda_grid.png"
+OMP_NUM_THREADS=1 nice -n 10 "$python" -m tvlars_scale.paper.grid run --grid configs/digits_study.yaml
+"$python" -m tvlars_scale.paper.report runs/digits_study --rows batch > "$out/table.md"
+"$python" -m tvlars_scale.paper.plots phi --out "$out/phi_lambda_grid.png"
 for task in classification barlow_twins; do
-  "$python" -m tvlars_scale.plots layers \
+  "$python" -m tvlars_scale.paper.plots layers \
     runs/digits_study/digits-$task-{tvlars,lars_warmup,lars,lamb}-b512-lr*-s0 \
     --out "$out/layers_$task.png"
 done
@@ -22,7 +22,7 @@ import statistics
 from accelerate.utils import set_seed
 from tvlars_scale.config import load_config
 from tvlars_scale.data import load_image_data
-from tvlars_scale.grid import load_grid, parse_filters, select
+from tvlars_scale.paper.grid import load_grid, parse_filters, select
 from tvlars_scale.tasks.barlow_twins import BarlowTwinsTask
 from tvlars_scale.tasks.linear_eval import LinearEvalSettings, extract_features, linear_evaluation
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from types import SimpleNamespace
 
 import tiny_training
 import torch
 import torch.distributed as dist
 
+from tvlars_scale.checkpoint.checkpointer import Checkpointer
+from tvlars_scale.checkpoint.layer_state import capture_layer_state
 from tvlars_scale.optim.zero_layout import bind_zero
 
 ZERO_SETTINGS = {
@@ -83,7 +86,21 @@ def count_collectives(optimizer: torch.optim.Optimizer):
         del optimizer.step
 
 
+def checkpointer_of(engine, optimizer) -> Checkpointer:
+    """The trainer's Checkpointer for a DeepSpeed engine (an Accelerator reduced to what it reads)."""
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        unwrap_model=lambda model: model.module,
+        process_index=dist.get_rank(),
+    )
+    return Checkpointer(accelerator, engine, optimizer, None, ".", keep_last=1)
+
+
 def run_zero(optimizer_name: str, stage: int, zero_overrides: dict, naive: bool = False):
+    """Train under ZeRO; return the gathered parameters, the collectives counted in step(), the
+    layers of each ZeRO-1/2 partition, and what the Checkpointer saves of the optimizer state."""
     import deepspeed
 
     model, optimizer = tiny_training.make_model_and_optimizer(optimizer_name)
@@ -94,9 +111,14 @@ def run_zero(optimizer_name: str, stage: int, zero_overrides: dict, naive: bool 
         # The naive design: the same pieces, but norms reduced over this rank only (a group of one),
         # i.e. every rank computes the trust ratio of its own shard of a layer.
         layout.process_group = dist.new_subgroups(group_size=1)[0]
+    checkpointer = checkpointer_of(engine, optimizer)
     with count_collectives(optimizer) as counts:
         params = tiny_training.train_deepspeed(engine)
-    return params, dict(counts), _layers_in_partition(engine)
+    saved = {
+        "same_layout": checkpointer.layout is optimizer.layout is layout,
+        "layers": capture_layer_state(optimizer, checkpointer.layout, owner=True),
+    }
+    return params, dict(counts), _layers_in_partition(engine), saved
 
 
 def layout_coverage(stage: int, zero_overrides: dict, bf16: bool = False) -> dict:
@@ -183,11 +205,23 @@ def bind_zero_outcomes() -> dict[str, str]:
     config["zero_optimization"]["stage"] = 0
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     outcomes["stage0"] = repr(bind_zero(engine))
+    layout = checkpointer_of(engine, optimizer).layout
+    outcomes["stage0_checkpoint_layout"] = (
+        f"sharded={layout.sharded} layers={len(layout.layer_names)} "
+        f"stepped_parameters={all(layout.of(p) is not None for p in model.parameters())}"
+    )
     model = tiny_training.TinyCNN()
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         config=tiny_training.deepspeed_config(2),
+    )
+    # An element-wise client is not bound: the Checkpointer builds the layout from the engine.
+    layout = checkpointer_of(engine, engine.optimizer.optimizer).layout
+    partitions = engine.optimizer.single_partition_of_fp32_groups
+    outcomes["sgd_checkpoint_layout"] = (
+        f"sharded={layout.sharded} layers={len(layout.layer_names)} "
+        f"partitions={all(layout.of(p) is not None for p in partitions)}"
     )
     for label, obj in (("sgd_client", engine), ("plain_module", model)):
         try:
@@ -199,19 +233,26 @@ def bind_zero_outcomes() -> dict[str, str]:
 
 
 def all_settings() -> dict:
-    results = {"params": {}, "collectives": {}, "partition_layers": {}, "naive": {}}
+    results = {
+        "params": {},
+        "collectives": {},
+        "partition_layers": {},
+        "naive": {},
+        "checkpoint": {},
+    }
     for optimizer_name in tiny_training.OPTIMIZER_SETTINGS:
         params, counts = run_ddp(optimizer_name)
         results["params"]["ddp", optimizer_name] = params
         results["collectives"]["ddp", optimizer_name] = counts
         for setting, (stage, overrides) in ZERO_SETTINGS.items():
-            params, counts, layers = run_zero(optimizer_name, stage, overrides)
+            params, counts, layers, saved = run_zero(optimizer_name, stage, overrides)
             results["params"][setting, optimizer_name] = params
             results["collectives"][setting, optimizer_name] = counts
             results["partition_layers"][setting] = layers
+            results["checkpoint"][setting, optimizer_name] = saved
         for setting in NAIVE_SETTINGS:
             stage, overrides = ZERO_SETTINGS[setting]
-            params, _, _ = run_zero(optimizer_name, stage, overrides, naive=True)
+            params, _, _, _ = run_zero(optimizer_name, stage, overrides, naive=True)
             results["naive"][setting, optimizer_name] = params
     results["coverage"] = {
         setting: layout_coverage(stage, overrides)

@@ -61,9 +61,8 @@ BASE_CONFIG = {
         "lr": 4.0,
         "lmbda": 0.05,
         "delay_epochs": 0.5,
-        "schedule": "warmup_cosine",
-        "warmup_epochs": 0.5,
     },
+    "schedule": {"name": "warmup_cosine", "warmup_epochs": 0.5},
     "checkpoint": {"every_steps": EVERY, "keep_last": 100},
 }
 

@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
-from tvlars_scale.checkpoint import directory, policy
+from tvlars_scale.checkpoint import Checkpointer, directory, policy
 from tvlars_scale.checkpoint.directory import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -33,17 +34,15 @@ from tvlars_scale.checkpoint.directory import (
     save_checkpoint,
 )
 from tvlars_scale.checkpoint.layer_state import (
-    Holding,
-    LayerRun,
-    StateLayout,
     capture_layer_state,
     restore_layer_state,
-    unsharded_state_layout,
+    unsharded_layout,
 )
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import gradients_are_finite
-from tvlars_scale.optim import TVLARS, layerwise_param_groups
+from tvlars_scale.optim import TVLARS, ShardedLayout, TensorLayout, layerwise_param_groups
+from tvlars_scale.optim.zero_layout import flat_window_pieces
 from tvlars_scale.preemption import PreemptionFlag
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,36 +234,35 @@ def _model_and_optimizer(seed: int = 0):
     return model, optimizer
 
 
-def _flat_layout(model: nn.Module, cuts: list[int], rank: int) -> tuple[StateLayout, torch.Tensor]:
+def _flat_layout(
+    model: nn.Module, cuts: list[int], rank: int
+) -> tuple[ShardedLayout, torch.Tensor]:
     """Emulate ZeRO-1/2: every parameter in ONE flat buffer (padded), rank ``rank`` holds the window
-    ``cuts[rank]:cuts[rank + 1]``; returns its layout and its (zero-initialised) partition."""
+    ``cuts[rank]:cuts[rank + 1]``; returns its layout, built as zero_layout builds it, and its
+    (zero-initialised) partition."""
     params = list(model.named_parameters())
     extents, offset = [], 0
-    for name, p in params:
-        extents.append((name, offset, p.numel()))
+    for layer, (_, p) in enumerate(params):
+        extents.append((layer, offset, p.numel()))
         offset += p.numel()
     first, last = cuts[rank], cuts[rank + 1]
     partition = torch.zeros(last - first)
-    runs = []
-    for name, begin, numel in extents:
-        lo, hi = max(begin, first), min(begin + numel, last)
-        if lo < hi:
-            runs.append(LayerRun(name, lo - begin, lo - first, hi - lo))
-    shapes = {name: tuple(p.shape) for name, p in params}
-    holding = Holding(partition, tuple(name for name, _ in params), tuple(runs))
-    return StateLayout(shapes, (holding,), owner=True), partition
+    pieces = flat_window_pieces(extents, window_start=first, window_numel=last - first)
+    entry = TensorLayout(tuple(range(len(params))), pieces)
+    names, shapes = [name for name, _ in params], [tuple(p.shape) for _, p in params]
+    return ShardedLayout(names, shapes, [(partition, entry)]), partition
 
 
 def test_unsharded_round_trip_continues_bitwise(tmp_path):
     model, optimizer = _model_and_optimizer()
     _train(model, optimizer, 3, seed=1)
-    payload = capture_layer_state(optimizer, unsharded_state_layout(model, optimizer, rank=0))
+    payload = capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)
     torch.save(payload, tmp_path / "state.pt")
 
     resumed, resumed_optimizer = _model_and_optimizer(seed=123)  # other initial weights
     restore_layer_state(
         resumed_optimizer,
-        unsharded_state_layout(resumed, resumed_optimizer, rank=0),
+        unsharded_layout(resumed, resumed_optimizer),
         [torch.load(tmp_path / "state.pt", weights_only=True, mmap=True)],
     )
     for p, q in zip(optimizer.state.values(), resumed_optimizer.state.values(), strict=True):
@@ -278,8 +276,30 @@ def test_unsharded_round_trip_continues_bitwise(tmp_path):
 def test_non_owner_rank_writes_nothing():
     model, optimizer = _model_and_optimizer()
     _train(model, optimizer, 1, seed=1)
-    payload = capture_layer_state(optimizer, unsharded_state_layout(model, optimizer, rank=1))
+    payload = capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=False)
     assert payload == {"shapes": {}, "scalars": {}, "runs": []}
+
+
+def test_unsharded_layout_is_the_stepped_parameters_as_whole_layers():
+    model, optimizer = _model_and_optimizer()
+    layout = unsharded_layout(model, optimizer)
+    assert not layout.sharded
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert layout.layer_names == tuple(names[id(p)] for p in stepped)
+    assert layout.layer_shapes == tuple(tuple(p.shape) for p in stepped)
+    for layer, (tensor, entry) in enumerate(layout.items()):
+        assert tensor is stepped[layer] and entry is layout.of(tensor)
+        assert entry.layers == (layer,)
+        (piece,) = entry.pieces
+        assert (piece.layer, piece.start, piece.numel, piece.layer_offset) == (
+            layer,
+            0,
+            tensor.numel(),
+            0,
+        )
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        unsharded_layout(nn.Linear(4, 3), optimizer)
 
 
 @pytest.mark.parametrize("cuts", [[0, 9, 36], [0, 13, 26, 36]])
@@ -287,7 +307,7 @@ def test_state_moves_between_unsharded_and_flat_partitions(cuts):
     """1 process -> N emulated ZeRO ranks (layers cut mid-way) -> 1 process, nothing lost."""
     model, optimizer = _model_and_optimizer()
     _train(model, optimizer, 3, seed=1)
-    unsharded = [capture_layer_state(optimizer, unsharded_state_layout(model, optimizer, 0))]
+    unsharded = [capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)]
 
     sharded_payloads = []
     for rank in range(len(cuts) - 1):
@@ -299,12 +319,10 @@ def test_state_moves_between_unsharded_and_flat_partitions(cuts):
         flat = torch.cat([flat, flat.new_zeros(cuts[-1] - flat.numel())])
         assert torch.equal(partition, flat[cuts[rank] : cuts[rank + 1]])
         assert flat_optimizer.state[partition]["step"] == 3
-        sharded_payloads.append(capture_layer_state(flat_optimizer, layout))
+        sharded_payloads.append(capture_layer_state(flat_optimizer, layout, owner=True))
 
     back, back_optimizer = _model_and_optimizer(seed=7)
-    restore_layer_state(
-        back_optimizer, unsharded_state_layout(back, back_optimizer, 0), sharded_payloads
-    )
+    restore_layer_state(back_optimizer, unsharded_layout(back, back_optimizer), sharded_payloads)
     for (name, p), q in zip(model.named_parameters(), back.parameters(), strict=True):
         assert torch.equal(p, q), name
         assert torch.equal(
@@ -316,8 +334,8 @@ def test_state_moves_between_unsharded_and_flat_partitions(cuts):
 def test_restore_names_what_cannot_be_restored():
     model, optimizer = _model_and_optimizer()
     _train(model, optimizer, 2, seed=1)
-    layout = unsharded_state_layout(model, optimizer, 0)
-    payload = capture_layer_state(optimizer, layout)
+    layout = unsharded_layout(model, optimizer)
+    payload = capture_layer_state(optimizer, layout, owner=True)
 
     missing_run = {**payload, "runs": [r for r in payload["runs"] if r["layer"] != "fc2.weight"]}
     with pytest.raises(ValueError, match=r"holds 0 of the 6 elements of fc2\.weight"):
@@ -332,9 +350,7 @@ def test_restore_names_what_cannot_be_restored():
     other = nn.Linear(4, 5)
     other_optimizer = TVLARS(other.parameters(), lr=1.0)
     with pytest.raises(ValueError, match=r"checkpoint has no weights for parameter bias"):
-        restore_layer_state(
-            other_optimizer, unsharded_state_layout(other, other_optimizer, 0), [payload]
-        )
+        restore_layer_state(other_optimizer, unsharded_layout(other, other_optimizer), [payload])
 
     # fc1.weight and fc2.weight in one emulated partition, saved with different step counters.
     scalars = {**payload["scalars"], "fc2.weight": {"step": 1}}
@@ -343,6 +359,54 @@ def test_restore_names_what_cannot_be_restored():
         restore_layer_state(
             SimpleNamespace(state={}), flat_layout, [{**payload, "scalars": scalars}]
         )
+
+
+def _checkpointer(model, optimizer, distributed_type, process_index: int = 0) -> Checkpointer:
+    """A Checkpointer over an Accelerator reduced to what its constructor reads."""
+    accelerator = SimpleNamespace(
+        distributed_type=distributed_type,
+        unwrap_model=lambda wrapped: getattr(wrapped, "module", wrapped),
+        process_index=process_index,
+    )
+    return Checkpointer(accelerator, model, optimizer, None, ".", keep_last=1)
+
+
+def test_checkpointer_saves_whole_layers_when_nothing_is_sharded():
+    model, optimizer = _model_and_optimizer()
+    assert optimizer.layout is None
+    layout = _checkpointer(model, optimizer, DistributedType.MULTI_GPU, process_index=1).layout
+    assert not layout.sharded
+    assert layout.layer_names == unsharded_layout(model, optimizer).layer_names
+    with pytest.raises(ValueError, match="unsharded"):
+        optimizer.bind_layout(layout)  # whole layers' norms are local: nothing to bind
+
+
+def test_checkpointer_takes_the_layout_the_optimizer_is_bound_to(monkeypatch):
+    from tvlars_scale.optim import zero_layout
+
+    model, optimizer = _model_and_optimizer()
+    partition = torch.zeros(36)
+    bound, _ = _flat_layout(model, [0, 36], 0)
+    optimizer.bind_layout(bound)
+    built = []
+
+    def build(zero_optimizer):
+        built.append(zero_optimizer)
+        return _flat_layout(model, [0, 36], 0)[0]
+
+    zero = SimpleNamespace(optimizer=optimizer)  # a ZeRO optimizer wrapping the client
+    monkeypatch.setattr(zero_layout, "find_zero_optimizer", lambda engine: zero)
+    monkeypatch.setattr(zero_layout, "zero_layout", build)
+    engine = SimpleNamespace(module=model)
+    checkpointer = _checkpointer(engine, optimizer, DistributedType.DEEPSPEED)
+    assert optimizer.layout is bound
+    assert checkpointer.layout is bound
+    assert built == []  # nothing derived a second description
+
+    # An element-wise client (torch SGD) is not bound: the layout is built from the ZeRO optimizer.
+    zero.optimizer = torch.optim.SGD([partition], lr=0.1)
+    checkpointer = _checkpointer(engine, zero.optimizer, DistributedType.DEEPSPEED)
+    assert built == [zero] and checkpointer.layout.sharded
 
 
 # --- random states --------------------------------------------------------------------------------

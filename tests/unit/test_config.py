@@ -26,14 +26,14 @@ def base_yaml(tmp_path) -> Path:
     return write_yaml(
         tmp_path / "base.yaml",
         "run:\n  num_epochs: 3\n"
-        "optim:\n  name: lars\n  lr: 2.5\n  lmbda: 1e-5\n"
+        "optim:\n  name: tvlars\n  lr: 2.5\n  lmbda: 1e-5\n"
         "batch:\n  global_batch_size: 128\n  micro_batch_size: 16\n",
     )
 
 
 def test_yaml_values_overrides_and_defaults(base_yaml):
     config = load_config(base_yaml, ["optim.lr=0.5", "data.name=cifar10", "run.seed=7"])
-    assert config.optim.name == "lars"  # from the file
+    assert config.optim.name == "tvlars"  # from the file
     assert config.optim.lr == 0.5  # the override wins over the file
     assert config.optim.lmbda == 1e-5  # YAML 1.1 would read "1e-5" as a string
     assert isinstance(config.optim.lmbda, float)
@@ -44,11 +44,37 @@ def test_yaml_values_overrides_and_defaults(base_yaml):
 
 def test_later_override_wins_and_values_are_parsed_as_yaml(base_yaml):
     config = load_config(
-        base_yaml, ["optim.lr=1", "optim.lr=3", "optim.betas=[0.8, 0.99]", "data.path=null"]
+        base_yaml,
+        [
+            "optim.name=lamb",
+            "optim.lr=1",
+            "optim.lr=3",
+            "optim.betas=[0.8, 0.99]",
+            "data.path=null",
+        ],
     )
     assert config.optim.lr == 3.0
     assert config.optim.betas == [0.8, 0.99]
     assert config.data.path is None
+
+
+def test_switching_optimizer_keeps_shared_settings_and_refuses_foreign_ones(base_yaml):
+    # The file configures TVLARS (lr 2.5, lmbda 1e-5); switching to LARS keeps lr, drops lmbda.
+    config = load_config(base_yaml, ["optim.name=lars"])
+    assert (config.optim.name, config.optim.lr) == ("lars", 2.5)
+    assert "lmbda" not in config.optim.model_dump()
+    assert config.optim.eps == 1e-8  # LARS's own default
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_yaml, ["optim.name=lars", "optim.lmbda=1e-3"])
+    assert caught.value.key == "optim.lmbda"
+    assert "a setting of tvlars, tvlars_official" in caught.value.problem
+    # Without a switch the file itself is checked strictly.
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_yaml, ["optim.betas=[0.8, 0.99]"])
+    assert (caught.value.key, caught.value.problem) == (
+        "optim.betas",
+        "unknown key for optim.name=tvlars (a setting of lamb)",
+    )
 
 
 def test_task_section_without_name_means_classification(tmp_path):
@@ -78,10 +104,12 @@ def test_resolved_yaml_round_trips(base_yaml, tmp_path):
         (["data.name=imagenet"], "data.name", "'digits', 'cifar10'"),
         (["task.name=detection"], "task.name", "unknown task 'detection'"),
         (["task.label_smoothing=1.5"], "task.label_smoothing", "less than 1"),
-        (["optim.betas=[0.9]"], "optim.betas", "at least 2"),
+        (["optim.name=lamb", "optim.betas=[0.9]"], "optim.betas", "at least 2"),
+        (["optim.name=adamw"], "optim.name", "unknown optimizer 'adamw'"),
+        (["schedule.name=poly", "schedule.power=0"], "schedule.power", "greater than 0"),
         (["optim.lr.x=3"], "optim.lr", "is a value, not a section"),
         (["optim.lr"], "optim.lr", "expected key=value"),
-        (["optim.warmup_epochs=5"], "optim.warmup_epochs", "warmup_cosine"),
+        (["schedule.warmup_epochs=5"], "schedule.warmup_epochs", "warmup_cosine"),
         (["optim.name=tvlars_official", "optim.alpha=0.5"], "optim.alpha", "tvlars_official"),
     ],
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tvlars_scale.config import load_config
-from tvlars_scale.grid import load_grid, main, parse_filters, select
+from tvlars_scale.paper.grid import load_grid, main, parse_filters, select
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_GRID = REPO / "configs" / "paper_grid.yaml"
@@ -49,11 +49,11 @@ def test_paper_grid_optimizer_settings():
         if values["optim.name"] == "tvlars":
             assert float(values["optim.lmbda"]) == (1e-4 if task == "classification" else 1e-5)
             assert float(values["optim.delay_epochs"]) == 10
-            assert values["optim.schedule"] == "constant"
+            assert values["schedule.name"] == "constant"
         else:
             assert values["optim.name"] in ("lars", "lamb")
-            assert values["optim.schedule"] == "warmup_cosine"
-            assert float(values["optim.warmup_epochs"]) == 20
+            assert values["schedule.name"] == "warmup_cosine"
+            assert float(values["schedule.warmup_epochs"]) == 20
 
 
 def test_overrides_are_accepted_by_the_config_schema():
@@ -61,7 +61,10 @@ def test_overrides_are_accepted_by_the_config_schema():
     base = REPO / "configs" / "digits.yaml"  # any valid base: the grid's own keys are checked
     for run in grid.runs()[::37]:
         config = load_config(base, [o for o in run.overrides if not o.startswith("data.")])
-        assert config.optim.lr == float(overrides_of(run)["optim.lr"])
+        values = overrides_of(run)
+        assert config.optim.lr == float(values["optim.lr"])
+        assert config.optim.name == values["optim.name"]
+        assert config.schedule.name == values["schedule.name"]
         assert config.task.name == run.labels["task"]
 
 

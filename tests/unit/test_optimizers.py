@@ -437,6 +437,34 @@ def test_timm_factory_builds_ours():
     assert {g["weight_decay"] for g in paper.param_groups} == {0.0, 5e-4}
 
 
+def test_timm_registration_is_idempotent_and_public(caplog):
+    from tvlars_scale.optim import register_with_timm
+
+    before = {name: timm.optim.get_optimizer_info(name) for name in ("tvlars", "tvlars_official")}
+    with caplog.at_level("WARNING"):
+        register_with_timm()
+    assert not caplog.records  # timm warns when a name is registered again
+    for name, info in before.items():
+        assert timm.optim.get_optimizer_info(name) is info
+        assert info.opt_class is TVLARS
+    assert before["tvlars_official"].defaults == {"variant": "official"}
+    official = timm.optim.get_optimizer_class("tvlars_official")(
+        [nn.Parameter(torch.ones(2))], lr=1
+    )
+    assert official.defaults["variant"] == "official"
+
+
+def test_flags_are_keyword_only():
+    params = [nn.Parameter(torch.ones(2, 2))]
+    with pytest.raises(TypeError):
+        TVLARS(params, 1.0, 0.9, 5e-4, 1e-3, 1e-4, 1.0, 0, 0.0, "official")
+    with pytest.raises(TypeError):
+        LARS(params, 1.0, 0.9, 5e-4, 1e-3, 1e-8, False, True)
+    with pytest.raises(TypeError):
+        LAMB(params, 1e-3, (0.9, 0.999), 1e-6, 0.0, 10.0, True)
+    assert LARS(params, 1.0, 0.9, 5e-4, 1e-3, 1e-8, True).defaults["nesterov"]  # as torch SGD
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

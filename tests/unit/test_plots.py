@@ -2,7 +2,7 @@
 
 import json
 
-from tvlars_scale.plots import main, read_layer_stats
+from tvlars_scale.paper.plots import main, read_layer_stats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

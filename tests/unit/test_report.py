@@ -6,7 +6,7 @@ import statistics
 import yaml
 
 from tvlars_scale.config import load_config
-from tvlars_scale.report import main
+from tvlars_scale.paper.report import main
 
 BASE = "configs/digits.yaml"
 
@@ -23,8 +23,8 @@ def fake_run(root, name, overrides, final):
 
 CIFAR = ["data.name=cifar10", "model.name=resnet18", "batch.global_batch_size=512"]
 TVLARS = ["optim.name=tvlars"]
-LARS_WARMUP = ["optim.name=lars", "optim.schedule=warmup_cosine", "optim.warmup_epochs=20"]
-LARS_POLY = ["optim.name=lars", "optim.schedule=poly"]
+LARS_WARMUP = ["optim.name=lars", "schedule.name=warmup_cosine", "schedule.warmup_epochs=20"]
+LARS_POLY = ["optim.name=lars", "schedule.name=poly"]
 
 
 def row_of(markdown: str, prefix: str) -> list[str]:
@@ -84,6 +84,23 @@ def test_rows_by_batch_shows_each_optimizers_lr(tmp_path, capsys):
     out = capsys.readouterr().out
     assert row_of(out, "| B |") == ["B", "LARS (no warm-up)", "LAMB"]  # no paper columns
     assert row_of(out, "| 512 |") == ["512", "90.00 @ lr 2", "**95.00 @ lr 0.02**"]
+
+
+def test_run_written_before_the_schedule_section_keeps_its_column(tmp_path, capsys):
+    """A grid resumed across the config change: an earlier run's config.yaml holds its schedule
+    in the optim section (optim.schedule, optim.warmup_epochs) and still counts as warm-up."""
+    runs = tmp_path / "runs"
+    digits = ["batch.global_batch_size=512", "optim.lr=2"]
+    fake_run(runs, "new", [*digits, *LARS_WARMUP, "run.seed=0"], {"test_accuracy": 0.9})
+    old = fake_run(runs, "old", [*digits, *LARS_WARMUP, "run.seed=1"], {"test_accuracy": 0.8})
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    schedule = config.pop("schedule")
+    config["optim"].update(schedule=schedule["name"], warmup_epochs=schedule["warmup_epochs"])
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(runs), "--rows", "batch"]) == 0
+    out = capsys.readouterr().out
+    assert row_of(out, "| B |") == ["B", "LARS (warm-up)"]
+    assert row_of(out, "| 512 |") == ["512", "85.00 ± 7.07 (2) @ lr 2"]
 
 
 def test_empty_or_missing_directory_exits_2(tmp_path, capsys):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -40,13 +41,12 @@ from tvlars_scale.checkpoint.directory import (
     save_checkpoint,
 )
 from tvlars_scale.checkpoint.layer_state import (
-    StateLayout,
     capture_layer_state,
     restore_layer_state,
-    unsharded_state_layout,
-    zero_state_layout,
+    unsharded_layout,
 )
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
+from tvlars_scale.optim.sharding import ShardedLayout
 
 __all__ = ["CheckpointRestoreError", "Checkpointer"]
 
@@ -59,11 +59,23 @@ class CheckpointRestoreError(RuntimeError):
     """A piece of a checkpoint could not be restored; the run must not continue as if it had."""
 
 
-class Checkpointer:
-    """Saves and restores the model, optimizer, random states and trainer state of one run.
+class TrainStateful(Protocol):
+    """The training loop's own part of a checkpoint (counters, data position, history)."""
 
-    Build it on every rank after ``accelerator.prepare`` (and ``bind_zero``), at the same point:
-    under ZeRO it learns which layer runs each rank holds with one collective.
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Checkpointer:
+    """Saves and restores the model, optimizer, random states and the loop's state of one run, and
+    owns the cadence: the loop reports finished steps (:meth:`should_save`, :meth:`save`), a
+    position is saved once.
+
+    Build it after ``accelerator.prepare`` and ``bind_zero``: it saves the optimizer state through
+    the layout the optimizer is bound to (:attr:`layout`). ``train_state`` is the loop's part
+    (``state_dict()["state"]`` is its position); ``config_yaml`` the resolved config saved with
+    every checkpoint.
     """
 
     def __init__(
@@ -73,7 +85,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         task,
         run_dir: str | Path,
+        *,
         keep_last: int,
+        every_steps: int = 0,
+        config_yaml: str = "",
+        train_state: TrainStateful | None = None,
     ):
         self.accelerator, self.model, self.optimizer, self.task = (
             accelerator,
@@ -81,18 +97,25 @@ class Checkpointer:
             optimizer,
             task,
         )
-        self.run_dir, self.keep_last = Path(run_dir), keep_last
+        self.run_dir, self.keep_last, self.every_steps = Path(run_dir), keep_last, every_steps
+        self.config_yaml, self.train_state = config_yaml, train_state
+        self._saved_position: dict | None = None  # the loop's position at the last save / restore
         self.module = accelerator.unwrap_model(model)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.layout: StateLayout = self._state_layout()
+        self.layout: ShardedLayout = self._state_layout()
 
-    def _state_layout(self) -> StateLayout:
+    def _state_layout(self) -> ShardedLayout:
+        """What the optimizer steps on this rank: under ZeRO the layout the layer-wise optimizer is
+        bound to (built from the engine for an element-wise one), else its parameters as whole
+        layers."""
         if self.deepspeed:
-            from tvlars_scale.optim.zero_layout import find_zero_optimizer
+            from tvlars_scale.optim.zero_layout import find_zero_optimizer, zero_layout
 
-            if find_zero_optimizer(self.model) is not None:
-                return zero_state_layout(self.model)
-        return unsharded_state_layout(self.module, self.optimizer, self.accelerator.process_index)
+            zero_optimizer = find_zero_optimizer(self.model)
+            if zero_optimizer is not None:
+                bound = getattr(zero_optimizer.optimizer, "layout", None)
+                return bound if bound is not None else zero_layout(zero_optimizer)
+        return unsharded_layout(self.module, self.optimizer)
 
     @contextlib.contextmanager
     def _full_parameters(self, modifier_rank: int | None):
@@ -109,8 +132,23 @@ class Checkpointer:
             yield
 
     # --- saving ------------------------------------------------------------------------------------
-    def save(self, step: int, trainer_state: dict, config_yaml: str, metadata: dict) -> Path:
-        """Write checkpoint ``step`` (call on every rank at the same optimizer step)."""
+    def should_save(self, step: int) -> bool:
+        """Whether optimizer step ``step``, just applied, is due for a checkpoint."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def save(self, step: int) -> Path | None:
+        """Checkpoint the loop's current position as ``step`` (call on every rank at the same
+        optimizer step); a position already saved or just restored is not written again."""
+        trainer_state = self.train_state.state_dict()
+        position = trainer_state["state"]
+        if position == self._saved_position:
+            return None
+        metadata = {"epoch": position["epoch"], "num_samples": position["num_samples"]}
+        path = self._write(step, trainer_state, metadata)
+        self._saved_position = position
+        return path
+
+    def _write(self, step: int, trainer_state: dict, metadata: dict) -> Path:
         accelerator = self.accelerator
         with self._full_parameters(modifier_rank=None):
             model_state = (
@@ -121,9 +159,17 @@ class Checkpointer:
         rank_payload = {
             "rng": capture_rng_state(),
             "task": self.task.state_dict(),
-            "layers": capture_layer_state(self.optimizer, self.layout),
+            "layers": capture_layer_state(
+                self.optimizer,
+                self.layout,
+                owner=self.layout.sharded or accelerator.is_main_process,
+            ),
         }
-        shared = {MODEL_FILE: model_state, TRAINER_FILE: trainer_state, CONFIG_FILE: config_yaml}
+        shared = {
+            MODEL_FILE: model_state,
+            TRAINER_FILE: trainer_state,
+            CONFIG_FILE: self.config_yaml,
+        }
         return save_checkpoint(
             self.run_dir,
             step,
@@ -139,7 +185,8 @@ class Checkpointer:
 
     # --- restoring ---------------------------------------------------------------------------------
     def restore(self, info: CheckpointInfo, print_fn: Callable[[str], None]) -> dict:
-        """Load ``info`` into the model, optimizer, task and global RNGs; return the trainer state.
+        """Load ``info`` into the model, optimizer, task, global RNGs and the loop's state; return
+        the loop's saved state.
 
         Raises :class:`CheckpointRestoreError` naming the piece that cannot be restored.
         """
@@ -167,4 +214,7 @@ class Checkpointer:
                 f"rank{'s' if world_size > 1 else ''}: model, optimizer state and data position "
                 f"are exact; the random streams of {ranks} {fate}"
             )
+        if self.train_state is not None:
+            self.train_state.load_state_dict(trainer_state)
+            self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state

@@ -2,7 +2,8 @@
 
 from tvlars_scale.data.augment import BatchAugment
 from tvlars_scale.data.loader import PAD_LABEL, MicroBatchLoader
-from tvlars_scale.data.sources import DATASETS, DataError, DatasetInfo, ImageData, load_image_data
+from tvlars_scale.data.sources import DATASETS, load_image_data
+from tvlars_scale.data.types import DataError, DatasetInfo, ImageData
 
 __all__ = [
     "DATASETS",

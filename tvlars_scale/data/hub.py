@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tvlars_scale.data.sources import DataError
+from tvlars_scale.data.types import DataError
 
 # Split names seen in the wild: uoft-cs/cifar10 has "test", zh-plus/tiny-imagenet has "valid",
 # and an image-folder tree with a "valid" directory loads as "validation".

@@ -7,37 +7,14 @@ Python, PIL or worker process is on the training path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-class DataError(ValueError):
-    """A dataset cannot be loaded; the message is one line naming the dataset and the source."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a dataset name means before anything is loaded (the trainer validates configs with it)."""
-
-    num_classes: int
-    """Classes of the full dataset (a local subset may hold fewer; ImageData reports what it holds)."""
-    image_size: int
-    """Native side length in pixels; ``load_image_data(image_size=...)`` resizes to another."""
-    in_chans: int
-    """Colour channels after decoding (grayscale images of an RGB dataset are converted)."""
-    hub_id: str | None = None
-    """Default Hugging Face hub id; None for data that is embedded or generated."""
-    crop_padding: int = 4
-    """Suggested BatchAugment padding (the paper's CIFAR / Tiny ImageNet recipe uses 4)."""
-    flip: bool = True
-    """Suggested BatchAugment flip; off for digits, whose mirror images are other glyphs."""
-
+from tvlars_scale.data.types import DataError, DatasetInfo, ImageData
 
 DATASETS: dict[str, DatasetInfo] = {
     # scikit-learn ships the 1,797 8x8 UCI digits inside the wheel: real data, no download.
-    "digits": DatasetInfo(num_classes=10, image_size=8, in_chans=1, crop_padding=1, flip=False),
+    "digits": DatasetInfo(num_classes=10, image_size=8, in_chans=1),
     "cifar10": DatasetInfo(num_classes=10, image_size=32, in_chans=3, hub_id="uoft-cs/cifar10"),
     "tiny-imagenet": DatasetInfo(
         num_classes=200, image_size=64, in_chans=3, hub_id="zh-plus/tiny-imagenet"
@@ -50,32 +27,6 @@ DIGITS_TEST_FRACTION = 0.2
 # configs are measured on the same 360 test images.
 DIGITS_SPLIT_SEED = 0
 DIGITS_MAX_VALUE = 16  # sklearn's digits are counts of set pixels in 4x4 blocks: 0..16
-
-
-@dataclass
-class ImageData:
-    """A decoded image classification dataset: uint8 images on the CPU, int64 labels."""
-
-    train_images: torch.Tensor
-    """uint8 ``[N, C, H, W]``."""
-    train_labels: torch.Tensor
-    """int64 ``[N]`` in ``[0, num_classes)``."""
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-    mean: tuple[float, ...]
-    """Per-channel mean of the training images on the 0..1 scale (what BatchAugment subtracts)."""
-    std: tuple[float, ...]
-    """Per-channel standard deviation of the training images on the 0..1 scale."""
-    name: str
-
-    @property
-    def in_chans(self) -> int:
-        return self.train_images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train_images.shape[-1]
 
 
 def load_image_data(

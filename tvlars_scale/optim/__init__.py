@@ -3,8 +3,8 @@
 from . import schedules
 from .lamb import LAMB
 from .lars import LARS
-from .layerwise import Piece, ShardedLayout, TensorLayout
 from .registry import OPTIMIZERS, build_optimizer, layerwise_param_groups, register_with_timm
+from .sharding import Piece, ShardedLayout, TensorLayout
 from .tvlars import TVLARS
 from .zero_layout import bind_zero
 

@@ -1,6 +1,6 @@
 """Machinery shared by the layer-wise optimizers: buckets of pieces, state, one norm reduction, dispatch.
 
-A ``step()`` call runs in two phases around :func:`~tvlars_scale.optim.layerwise.layer_norms`:
+A ``step()`` call runs in two phases around :func:`~tvlars_scale.optim.sharding.layer_norms`:
 
 1. per bucket (tensors of one group that share the adaptation flag and the step count), the algorithm
    computes its update direction; the norms of the weights and of the trust-ratio denominator are taken
@@ -8,8 +8,12 @@ A ``step()`` call runs in two phases around :func:`~tvlars_scale.optim.layerwise
 2. the per-layer norms (reduced over ranks when sharded) give one trust ratio per layer, gathered back
    to one 0-dim tensor per piece, and the algorithm applies the update.
 
-Without a bound :class:`~tvlars_scale.optim.layerwise.ShardedLayout` every parameter is one layer and
-one piece. With one, the optimizer steps DeepSpeed's flat partitions as pieces of named layers.
+Without a bound :class:`~tvlars_scale.optim.sharding.ShardedLayout` every parameter is one layer and
+one piece. With one, the optimizer steps DeepSpeed's flat partitions as pieces of named layers; the
+bound layout is exposed as :attr:`LayerwiseOptimizer.layout` (the checkpoint saves through it).
+
+The algorithm hooks and the :mod:`.functional` helpers take the tensor lists positionally and
+everything else by keyword.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .functional import FOREACH, LOOP
-from .layerwise import ShardedLayout, layer_norms
+from .sharding import ShardedLayout, layer_norms
 
 __all__ = ["LayerwiseOptimizer"]
 
@@ -93,7 +97,7 @@ class LayerwiseOptimizer(Optimizer):
 
     _buffers: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict, foreach: bool | None) -> None:
+    def __init__(self, params, defaults: dict, *, foreach: bool | None = None) -> None:
         defaults = {"adapt": True, "exclude_1d": True, **defaults}
         self._constructed = (
             set()
@@ -109,23 +113,38 @@ class LayerwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._constructed.update(id(p) for p in self.param_groups[-1]["params"])
 
+    @property
+    def layout(self) -> ShardedLayout | None:
+        """The layout bound by :meth:`bind_layout` (``None``: the optimizer steps whole parameters)."""
+        return self._layout
+
     def bind_layout(self, layout: ShardedLayout | None) -> None:
-        """Step sharded tensors as pieces of whole layers (see ``tvlars_scale.optim.zero_layout``)."""
+        """Step sharded tensors as pieces of whole layers (see ``tvlars_scale.optim.zero_layout``);
+        ``None`` unbinds. A whole-layers layout (nothing sharded) is refused: its norms are local."""
+        if layout is not None and not layout.sharded:
+            raise ValueError(
+                "bind_layout: the layout describes whole, unsharded parameters; an optimizer stepping "
+                "its own parameters needs no layout (bind None)"
+            )
         self._layout = layout
         self._plans.clear()
 
     # --- algorithm hooks ---------------------------------------------------------------------------
     def _direction(
-        self, group, ops, w, g, states, weight_decay, step, out
+        self, w, g, states, *, group, ops, weight_decay, step, out
     ):  # pragma: no cover - abstract
         """Write the update direction into ``out``; return ``(d, x)``: the direction and the tensors
-        whose norms enter the trust ratio."""
+        whose norms enter the trust ratio. ``states`` maps each of ``_buffers`` to its tensor list."""
         raise NotImplementedError
 
-    def _trust(self, group, weight_norm, update_norm, step) -> torch.Tensor:  # pragma: no cover
+    def _trust(
+        self, weight_norm, update_norm, *, group, step
+    ) -> torch.Tensor:  # pragma: no cover - abstract
+        """One trust ratio per piece from its layer's weight and update norms."""
         raise NotImplementedError
 
-    def _apply(self, group, ops, w, d, states, trust, step) -> None:  # pragma: no cover
+    def _apply(self, w, d, states, trust, *, group, ops, step) -> None:  # pragma: no cover
+        """Apply the update; ``trust`` holds one trust ratio per tensor of ``w``."""
         raise NotImplementedError
 
     # --- step --------------------------------------------------------------------------------------
@@ -154,13 +173,23 @@ class LayerwiseOptimizer(Optimizer):
                 w, g, states = self._tensors(bucket, chunk)
                 out = self._scratch(bucket, chunk, w)
                 d, x = self._direction(
-                    bucket.group, ops, w, g, states, self._decay(bucket), step, out
+                    w,
+                    g,
+                    states,
+                    group=bucket.group,
+                    ops=ops,
+                    weight_decay=self._decay(bucket),
+                    step=step,
+                    out=out,
                 )
                 weight_norm, update_norm = layer_norms(
-                    _piece_squares(ops, w, x), None, len(w), None
+                    _piece_squares(w, x, ops=ops), None, num_layers=len(w), process_group=None
                 )
-                self._finish(bucket, ops, w, d, states, weight_norm, update_norm, step, norms)
-            self._record(bucket, step, *(torch.cat(parts) for parts in zip(*norms, strict=True)))
+                self._finish(
+                    bucket, w, d, states, weight_norm, update_norm, ops=ops, step=step, norms=norms
+                )
+            parts = zip(*norms, strict=True)
+            self._record(bucket, *(torch.cat(p) for p in parts), step=step)
 
     def _step_sharded(self, plan: _Plan, base_step: int, ops, chunk_numel: int) -> None:
         """Directions and piece norms first, then one reduction for the whole call, then updates."""
@@ -172,34 +201,43 @@ class LayerwiseOptimizer(Optimizer):
                 # Every direction must outlive the reduction: fresh tensors, not the scratch.
                 out = [torch.empty_like(t) for t in w]
                 d, x = self._direction(
-                    bucket.group, ops, w, g, states, self._decay(bucket), step, out
+                    w,
+                    g,
+                    states,
+                    group=bucket.group,
+                    ops=ops,
+                    weight_decay=self._decay(bucket),
+                    step=step,
+                    out=out,
                 )
-                piece_squares.append(_piece_squares(ops, w, x))
+                piece_squares.append(_piece_squares(w, x, ops=ops))
                 pending.append((bucket, chunk, step, w, d, states))
         # A rank may hold only padding of this (sub-)group: no pieces, zeros for every layer.
         weight_norm, update_norm = layer_norms(
             torch.cat(piece_squares, dim=1) if piece_squares else None,
             plan.piece_to_layer,
-            plan.num_layers,
-            self._layout.process_group,
+            num_layers=plan.num_layers,
+            process_group=self._layout.process_group,
         )
         norms: dict[int, list] = {id(bucket): [] for bucket in plan.buckets}
         for bucket, chunk, step, w, d, states in pending:
             layers = bucket.layer_index[chunk]
             self._finish(
                 bucket,
-                ops,
                 w,
                 d,
                 states,
                 weight_norm.index_select(0, layers),
                 update_norm.index_select(0, layers),
-                step,
-                norms[id(bucket)],
+                ops=ops,
+                step=step,
+                norms=norms[id(bucket)],
             )
         for bucket in plan.buckets:
             parts = zip(*norms[id(bucket)], strict=True)
-            self._record(bucket, base_step + bucket.step_offset, *(torch.cat(p) for p in parts))
+            self._record(
+                bucket, *(torch.cat(p) for p in parts), step=base_step + bucket.step_offset
+            )
 
     def _scratch(
         self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
@@ -229,15 +267,15 @@ class LayerwiseOptimizer(Optimizer):
     def _decay(bucket: _Bucket) -> float:
         return bucket.group["weight_decay"] if bucket.decayed else 0.0
 
-    def _finish(self, bucket, ops, w, d, states, weight_norm, update_norm, step, norms) -> None:
+    def _finish(self, bucket, w, d, states, weight_norm, update_norm, *, ops, step, norms) -> None:
         if bucket.adapted:
-            trust = self._trust(bucket.group, weight_norm, update_norm, step)
+            trust = self._trust(weight_norm, update_norm, group=bucket.group, step=step)
         else:
             trust = torch.ones_like(weight_norm)
-        self._apply(bucket.group, ops, w, d, states, trust, step)
+        self._apply(w, d, states, trust, group=bucket.group, ops=ops, step=step)
         norms.append((weight_norm, update_norm, trust))
 
-    def _record(self, bucket, step, weight_norm, update_norm, trust) -> None:
+    def _record(self, bucket, weight_norm, update_norm, trust, *, step) -> None:
         for p in bucket.params:
             self.state[p]["step"] = step + 1
         self.telemetry[tuple(bucket.names)] = LayerStats(
@@ -373,6 +411,6 @@ class LayerwiseOptimizer(Optimizer):
         ]
 
 
-def _piece_squares(ops, w: list[torch.Tensor], x: list[torch.Tensor]) -> torch.Tensor:
+def _piece_squares(w: list[torch.Tensor], x: list[torch.Tensor], *, ops) -> torch.Tensor:
     """The ``2 x P`` matrix :func:`layer_norms` reads: squared norms of the weights, then of ``x``."""
     return ops.sum_of_squares(w + x).view(2, len(w))

@@ -13,6 +13,9 @@ dispatch per list, fused multi-tensor kernels where the device has them), :data:
 per-tensor op in Python. Both execute identical arithmetic in the same order, so the two paths agree;
 on the CPU, where ``torch._foreach_*`` is itself a per-tensor loop, FOREACH takes the per-tensor form
 wherever that moves fewer bytes, and both share :func:`sum_of_squares` for the norms.
+
+Like ``torch.optim``'s functional forms, every helper takes its tensor lists positionally and the
+executor and scalars by keyword.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _dot_with_itself(x: torch.Tensor) -> torch.Tensor:
 
 
 def _loop_ops() -> SimpleNamespace:
-    def add_(xs, ys, alpha=1.0):
+    def add_(xs, ys, *, alpha=1.0):
         for x, y in zip(xs, ys, strict=True):
             x.add_(y, alpha=alpha)
 
@@ -77,7 +80,7 @@ def _loop_ops() -> SimpleNamespace:
         for x, y in zip(xs, ys, strict=True):
             x.copy_(y)
 
-    def add_into(out, xs, ys, alpha=1.0):
+    def add_into(out, xs, ys, *, alpha=1.0):
         for o, x, y in zip(out, xs, ys, strict=True):
             torch.add(x, y, alpha=alpha, out=o)
 
@@ -89,7 +92,7 @@ def _loop_ops() -> SimpleNamespace:
         for x in xs:
             x.reciprocal_()
 
-    def addcmul_(xs, ys, zs, value=1.0):
+    def addcmul_(xs, ys, zs, *, value=1.0):
         for x, y, z in zip(xs, ys, zs, strict=True):
             x.addcmul_(y, z, value=value)
 
@@ -111,7 +114,7 @@ def _loop_ops() -> SimpleNamespace:
     )
 
 
-def _foreach_add_into(out: Tensors, xs: Tensors, ys: Tensors, alpha: float = 1.0) -> None:
+def _foreach_add_into(out: Tensors, xs: Tensors, ys: Tensors, *, alpha: float = 1.0) -> None:
     if _small_tensors(xs):
         # Two multi-tensor calls instead of a Python loop; every sum exists before any is written,
         # so ``out`` may be ``ys``.
@@ -119,7 +122,7 @@ def _foreach_add_into(out: Tensors, xs: Tensors, ys: Tensors, alpha: float = 1.0
     else:
         # torch has no foreach op with out=: one add per tensor writes into ``out`` in one pass,
         # where copy_ + add_ would take two.
-        LOOP.add_into(out, xs, ys, alpha)
+        LOOP.add_into(out, xs, ys, alpha=alpha)
 
 
 LOOP = _loop_ops()
@@ -144,7 +147,7 @@ def ratio_or_one(
     return torch.where(torch.minimum(weight_norm, update_norm) > 0, ratio, 1.0)
 
 
-def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tensors) -> Tensors:
+def decayed_gradient(w: Tensors, g: Tensors, *, ops, weight_decay: float, out: Tensors) -> Tensors:
     """``d = g + weight_decay * w`` written into ``out`` in one pass (the gradients stay untouched)."""
     if weight_decay == 0.0:
         ops.copy_(out, g)
@@ -161,7 +164,7 @@ def decayed_gradient(ops, w: Tensors, g: Tensors, weight_decay: float, out: Tens
 
 
 def tvlars_apply(
-    ops, w: Tensors, d: Tensors, velocity: Tensors, neg_gamma: Tensors, momentum: float
+    w: Tensors, d: Tensors, velocity: Tensors, neg_gamma: Tensors, *, ops, momentum: float
 ) -> None:
     """One TVLARS step; ``d`` is scratch and is overwritten.
 
@@ -179,11 +182,12 @@ def tvlars_apply(
 
 
 def heavy_ball_apply(
-    ops,
     w: Tensors,
     d: Tensors,
     buf: Tensors,
     scale: Tensors,
+    *,
+    ops,
     lr: float,
     momentum: float,
     nesterov: bool,
@@ -202,11 +206,12 @@ def heavy_ball_apply(
 
 
 def lamb_direction(
-    ops,
     w: Tensors,
     g: Tensors,
     exp_avg: Tensors,
     exp_avg_sq: Tensors,
+    *,
+    ops,
     beta1: float,
     beta2: float,
     eps: float,
@@ -228,6 +233,6 @@ def lamb_direction(
     return out
 
 
-def scaled_apply(ops, w: Tensors, d: Tensors, trust: Tensors, lr: float) -> None:
+def scaled_apply(w: Tensors, d: Tensors, trust: Tensors, *, ops, lr: float) -> None:
     """``w -= lr * trust * d`` (LAMB's update)."""
     ops.addcmul_(w, d, trust, value=-lr)

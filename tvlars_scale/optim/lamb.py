@@ -22,6 +22,8 @@ class LAMB(LayerwiseOptimizer):
 
     with :math:`c` = ``clamp_value``. As in pytorch-optimizer's default (``debias=False``, the paper's v3)
     the moments are not bias-corrected. Excluded layers get trust 1 and no weight decay.
+    ``exclude_1d`` and ``foreach`` are keyword-only and mean what they mean for
+    :class:`~tvlars_scale.optim.TVLARS`.
     """
 
     _buffers = ("exp_avg", "exp_avg_sq")
@@ -34,6 +36,7 @@ class LAMB(LayerwiseOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         clamp_value: float = 10.0,
+        *,
         exclude_1d: bool = True,
         foreach: bool | None = None,
     ) -> None:
@@ -49,27 +52,27 @@ class LAMB(LayerwiseOptimizer):
             clamp_value=clamp_value,
             exclude_1d=exclude_1d,
         )
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach=foreach)
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
+    def _direction(self, w, g, states, *, group, ops, weight_decay, step, out):
         beta1, beta2 = group["betas"]
         d = lamb_direction(
-            ops,
             w,
             g,
             states["exp_avg"],
             states["exp_avg_sq"],
-            beta1,
-            beta2,
-            group["eps"],
-            weight_decay,
-            out,
+            ops=ops,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=weight_decay,
+            out=out,
         )
         return d, d
 
-    def _trust(self, group, weight_norm, update_norm, step):
+    def _trust(self, weight_norm, update_norm, *, group, step):
         weight_norm = weight_norm.clamp(0, group["clamp_value"])
         return ratio_or_one(weight_norm / update_norm, weight_norm, update_norm)
 
-    def _apply(self, group, ops, w, d, states, trust, step):
-        scaled_apply(ops, w, d, list(trust.unbind(0)), group["lr"])
+    def _apply(self, w, d, states, trust, *, group, ops, step):
+        scaled_apply(w, d, list(trust.unbind(0)), ops=ops, lr=group["lr"])

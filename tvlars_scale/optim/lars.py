@@ -28,6 +28,9 @@ class LARS(LayerwiseOptimizer):
         decided per layer (``adapt`` / ``exclude_1d``), independently of the weight decay. Excluded
         layers get trust 1 and no weight decay. The first step's buffer is the scaled direction itself,
         as in Flash (a zero buffer times ``momentum`` plus the direction).
+
+    ``exclude_1d`` and ``foreach`` are keyword-only and mean what they mean for
+    :class:`~tvlars_scale.optim.TVLARS`; ``nesterov`` may be positional, as in ``torch.optim.SGD``.
     """
 
     _buffers = ("momentum_buffer",)
@@ -41,6 +44,7 @@ class LARS(LayerwiseOptimizer):
         eta: float = 1e-3,
         eps: float = 1e-8,
         nesterov: bool = False,
+        *,
         exclude_1d: bool = True,
         foreach: bool | None = None,
     ) -> None:
@@ -56,12 +60,12 @@ class LARS(LayerwiseOptimizer):
             nesterov=nesterov,
             exclude_1d=exclude_1d,
         )
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach=foreach)
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
-        return decayed_gradient(ops, w, g, weight_decay, out), g
+    def _direction(self, w, g, states, *, group, ops, weight_decay, step, out):
+        return decayed_gradient(w, g, ops=ops, weight_decay=weight_decay, out=out), g
 
-    def _trust(self, group, weight_norm, grad_norm, step):
+    def _trust(self, weight_norm, grad_norm, *, group, step):
         ratio = (
             group["eta"]
             * weight_norm
@@ -69,14 +73,14 @@ class LARS(LayerwiseOptimizer):
         )
         return ratio_or_one(ratio, weight_norm, grad_norm)
 
-    def _apply(self, group, ops, w, d, states, trust, step):
+    def _apply(self, w, d, states, trust, *, group, ops, step):
         heavy_ball_apply(
-            ops,
             w,
             d,
             states["momentum_buffer"],
             list(trust.unbind(0)),
-            group["lr"],
-            group["momentum"],
-            group["nesterov"],
+            ops=ops,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
         )

@@ -52,25 +52,35 @@ def build_optimizer(
 
 
 def register_with_timm() -> None:
-    """Make ``timm.optim.create_optimizer_v2(model, 'tvlars' | 'tvlars_official', ...)`` build ours."""
-    from timm.optim._optim_factory import OptimInfo, default_registry
+    """Make ``timm.optim.create_optimizer_v2(model, 'tvlars' | 'tvlars_official', ...)`` build ours.
 
-    if "tvlars" in default_registry._optimizers:
-        return
-    default_registry.register(
+    Registered as timm registers its own variants: one class, the variant in ``defaults``. Calling it
+    again registers nothing new.
+    """
+    from timm.optim import OptimInfo, list_optimizers
+    from timm.optim._optim_factory import default_registry
+
+    registered = set(list_optimizers(["tvlars", "tvlars_official", "official"]))
+    for info in (
         OptimInfo(
-            "tvlars", TVLARS, "Time-Varying LARS (paper variant)", has_eps=False, has_momentum=True
-        )
-    )
-    default_registry.register(
-        OptimInfo(
-            "tvlars_official",
-            OPTIMIZERS["tvlars_official"],
-            "Time-Varying LARS (authors' reference code)",
+            name="tvlars",
+            opt_class=TVLARS,
+            description="Time-Varying LARS (paper variant)",
             has_eps=False,
             has_momentum=True,
-        )
-    )
+        ),
+        OptimInfo(
+            name="tvlars_official",
+            opt_class=TVLARS,
+            description="Time-Varying LARS (authors' reference code)",
+            has_eps=False,
+            has_momentum=True,
+            defaults={"variant": "official"},
+        ),
+    ):
+        if info.name not in registered:
+            default_registry.register(info)
     # timm parses 'a_b' as option 'a' for optimizer 'b' ('lookahead_adam'), so 'tvlars_official'
     # reaches the registry as 'official'.
-    default_registry.register_alias("official", "tvlars_official")
+    if "official" not in registered:
+        default_registry.register_alias("official", "tvlars_official")

@@ -68,7 +68,7 @@ class TVLARS(LayerwiseOptimizer):
         momentum: :math:`\mu`. weight_decay: :math:`\beta`. eta: trust coefficient :math:`\eta`.
         lmbda: steepness :math:`\lambda` of the decay (paper: 1e-4 classification, 1e-5 Barlow Twins).
         alpha, delay_steps, gamma_min: shape of :math:`\phi_t` (paper variant only).
-        variant: ``"paper"`` or ``"official"``.
+        variant: ``"paper"`` or ``"official"`` (keyword-only, like the flags below).
         exclude_1d: exclude layers of at most one dimension from adaptation and weight decay.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor loop, ``None`` picks (see base).
     """
@@ -86,6 +86,7 @@ class TVLARS(LayerwiseOptimizer):
         alpha: float = 1.0,
         delay_steps: int = 0,
         gamma_min: float = 0.0,
+        *,
         variant: str = "paper",
         exclude_1d: bool = True,
         foreach: bool | None = None,
@@ -114,7 +115,7 @@ class TVLARS(LayerwiseOptimizer):
             variant=variant,
             exclude_1d=exclude_1d,
         )
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach=foreach)
         self.last_phi: float | None = None
 
     def phi(self, group: dict, step: int) -> float:
@@ -125,11 +126,11 @@ class TVLARS(LayerwiseOptimizer):
             step, group["lmbda"], group["alpha"], group["delay_steps"], group["gamma_min"]
         )
 
-    def _direction(self, group, ops, w, g, states, weight_decay, step, out):
-        d = decayed_gradient(ops, w, g, weight_decay, out)
+    def _direction(self, w, g, states, *, group, ops, weight_decay, step, out):
+        d = decayed_gradient(w, g, ops=ops, weight_decay=weight_decay, out=out)
         return d, d
 
-    def _trust(self, group, weight_norm, update_norm, step):
+    def _trust(self, weight_norm, update_norm, *, group, step):
         if group["variant"] == "official":
             weight_norm, update_norm = weight_norm.clamp(0, 10), update_norm.clamp(0, 10)
             coefficient = group["eta"] * self.phi(group, step)
@@ -137,17 +138,24 @@ class TVLARS(LayerwiseOptimizer):
             coefficient = group["eta"]
         return ratio_or_one(coefficient * weight_norm / update_norm, weight_norm, update_norm)
 
-    def _apply(self, group, ops, w, d, states, trust, step):
+    def _apply(self, w, d, states, trust, *, group, ops, step):
         phi = self.phi(group, step)
         self.last_phi = phi
         buffers = states["momentum_buffer"]
         if group["variant"] == "official":
             heavy_ball_apply(
-                ops, w, d, buffers, list(trust.unbind(0)), group["lr"], group["momentum"], False
+                w,
+                d,
+                buffers,
+                list(trust.unbind(0)),
+                ops=ops,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                nesterov=False,
             )
         else:
             neg_gamma = (trust * (-group["lr"] * phi)).unbind(0)
-            tvlars_apply(ops, w, d, buffers, list(neg_gamma), group["momentum"])
+            tvlars_apply(w, d, buffers, list(neg_gamma), ops=ops, momentum=group["momentum"])
 
 
 def _check_nonnegative(**values: float) -> None:

@@ -3,16 +3,21 @@
 DeepSpeed hands the client optimizer flat fp32 partitions instead of the model's parameters, so a
 layer-wise optimizer cannot see a layer's shape or its whole norm. This module reads DeepSpeed's own
 bookkeeping once, after ``deepspeed.initialize`` / ``accelerator.prepare``, and builds the
-:class:`~tvlars_scale.optim.layerwise.ShardedLayout` the optimizer steps by:
+:class:`~tvlars_scale.optim.sharding.ShardedLayout` the optimizer steps by (:func:`bind_zero` binds
+it; the checkpoint saves the optimizer state through the same layout). Each
+:class:`~tvlars_scale.optim.sharding.Piece` gets its place in the rank's flat partition and its
+offset inside its layer, both from the geometry alone, with no collective:
 
 * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): each parameter group is flattened into one buffer -- in
   ``round_robin_gradients`` order when that option is on, with alignment padding between parameters
   when ``parameter_alignment`` is on, and zero padding at the tail -- and rank ``r`` holds the window
-  ``[r * partition_size, (r + 1) * partition_size)`` of it. A layer may straddle two windows.
+  ``[r * partition_size, (r + 1) * partition_size)`` of it. A layer may straddle two windows; a
+  piece's layer offset is where the window cuts into the layer's extent in the buffer.
 * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): every parameter is split on its own into
   ``world_size`` slots of ``ceil(numel / world_size)`` elements, and a rank's flat tensor for a
-  sub-group is its slot of every parameter, in order. The last slots end in uninitialised memory, and
-  a parameter smaller than the world size leaves some ranks nothing but padding.
+  sub-group is its slot of every parameter, in order: rank ``r``'s piece starts at element
+  ``r * slot_numel`` of its layer. The last slots end in uninitialised memory, and a parameter smaller
+  than the world size leaves some ranks nothing but padding.
 * bf16 with fp32 gradient accumulation at ZeRO-1 (``BF16_Optimizer``): like ZeRO-1, parameters back
   to back in their group's order.
 
@@ -25,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .layerwise import Piece, ShardedLayout, TensorLayout
+from .sharding import Piece, ShardedLayout, TensorLayout
 
 __all__ = [
     "bind_zero",
@@ -42,14 +47,17 @@ def flat_window_pieces(
     """ZeRO-1/2: the pieces of a flat buffer's layers that fall inside one rank's window.
 
     ``extents`` are ``(layer, offset in the flat buffer, numel)``; whatever they leave uncovered is
-    padding. Piece starts are relative to the window, i.e. offsets into the rank's partition.
+    padding. Piece starts are relative to the window, i.e. offsets into the rank's partition; layer
+    offsets are relative to the layer's extent.
     """
     window_end = window_start + window_numel
     pieces = []
     for layer, offset, numel in sorted(extents, key=lambda extent: extent[1]):
         first, last = max(offset, window_start), min(offset + numel, window_end)
         if first < last:
-            pieces.append(Piece(layer, first - window_start, last - first))
+            pieces.append(
+                Piece(layer, first - window_start, last - first, layer_offset=first - offset)
+            )
     return tuple(pieces)
 
 
@@ -58,14 +66,15 @@ def split_param_pieces(params: Iterable[tuple[int, int, int]], rank: int) -> tup
 
     ``params`` are ``(layer, numel, slot_numel)`` in the sub-group's order: each parameter occupies
     ``slot_numel`` elements of the flat partition on every rank, of which rank ``r`` fills the ones
-    holding elements ``[r * slot_numel, (r + 1) * slot_numel)`` of the parameter that exist.
+    holding elements ``[r * slot_numel, (r + 1) * slot_numel)`` of the parameter that exist: its
+    piece starts at element ``r * slot_numel`` of the layer.
     """
     pieces = []
     offset = 0
     for layer, numel, slot_numel in params:
         valid = min(slot_numel, max(0, numel - rank * slot_numel))
         if valid > 0:
-            pieces.append(Piece(layer, offset, valid))
+            pieces.append(Piece(layer, offset, valid, layer_offset=rank * slot_numel))
         offset += slot_numel
     return tuple(pieces)
 

@@ -77,9 +77,8 @@ from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
 from tvlars_scale.data.ssl_views import TwoViewAugment, recipe_for_image_size
 from tvlars_scale.models import init_kaiming_uniform
-
-from . import Accumulation, MicroBatch, Task, build_configured_model
-from .linear_eval import LinearEvalSettings, extract_features, linear_evaluation
+from tvlars_scale.tasks.base import Accumulation, MicroBatch, Task, build_configured_model
+from tvlars_scale.tasks.linear_eval import LinearEvalSettings, extract_features, linear_evaluation
 
 DEFAULT_PROJECTOR_DIMS: tuple[int, ...] = (2048, 2048, 4096)
 DEFAULT_OFF_DIAGONAL_WEIGHT = 0.0051

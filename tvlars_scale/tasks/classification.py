@@ -9,8 +9,7 @@ from torch import Tensor, nn
 from tvlars_scale.config import Config
 from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
-
-from . import Task, build_configured_model
+from tvlars_scale.tasks.base import Task, build_configured_model
 
 __all__ = ["ClassificationTask"]
 

@@ -1,7 +1,7 @@
 """The paper's figures as PNGs: phi_t over the lambda grid (Figure 3), per-layer norms (Figure 2).
 
-    python -m tvlars_scale.plots phi --out phi.png [--lmbdas 1e-2 1e-3 ...] [--delay-steps 0]
-    python -m tvlars_scale.plots layers RUN_DIR [RUN_DIR ...] --out layers.png
+    python -m tvlars_scale.paper.plots phi --out phi.png [--lmbdas 1e-2 1e-3 ...] [--delay-steps 0]
+    python -m tvlars_scale.paper.plots layers RUN_DIR [RUN_DIR ...] --out layers.png
 
 ``layers`` reads the per-layer telemetry a run logs at every ``run.log_every`` optimizer steps,
 ``RUN_DIR/layer_stats.jsonl``: one JSON object per line,
@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from tvlars_scale.optim.schedules import phi
-from tvlars_scale.report import optimizer_label
+from tvlars_scale.paper.report import optimizer_label
 from tvlars_scale.telemetry import LAYER_STATS_FILE
 
 PAPER_LAMBDAS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -119,7 +119,7 @@ def _run_title(run_dir: Path) -> str:
     if not config_path.exists():
         return run_dir.name
     config = yaml.safe_load(config_path.read_text())
-    label = optimizer_label(config["optim"])
+    label = optimizer_label(config)
     batch, lr = config["batch"]["global_batch_size"], config["optim"]["lr"]
     return f"{label}, {config['task']['name']}\nB {batch}, lr {lr:g}"
 
@@ -133,7 +133,7 @@ def _save(fig, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tvlars_scale.plots", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tvlars_scale.paper.plots", description=__doc__)
     sub = parser.add_subparsers(dest="figure", required=True)
     phi_parser = sub.add_parser("phi", help="Figure 3: phi_t over the lambda grid")
     phi_parser.add_argument("--out", type=Path, required=True)

@@ -3,10 +3,10 @@
 The paper's Table 1 (216 runs) is ``configs/paper_grid.yaml``; the CPU study on digits is
 ``configs/digits_study.yaml``::
 
-    python -m tvlars_scale.grid print                                  # every launch line
-    python -m tvlars_scale.grid print --filter dataset=cifar10 --filter batch=512
-    python -m tvlars_scale.grid run --grid configs/digits_study.yaml   # run them, one after another
-    python -m tvlars_scale.report runs/paper_table1                    # the Table-1 markdown
+    python -m tvlars_scale.paper.grid print                          # every launch line
+    python -m tvlars_scale.paper.grid print --filter dataset=cifar10 --filter batch=512
+    python -m tvlars_scale.paper.grid run --grid configs/digits_study.yaml   # one after another
+    python -m tvlars_scale.paper.report runs/paper_table1            # the Table-1 markdown
 
 A grid is the product of its axes: ``datasets`` x ``tasks`` x ``optimizers`` x (batch, lr) x
 ``seeds``. Every axis value carries dotted config overrides (``tvlars_scale.config``); an optimizer
@@ -287,7 +287,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _ArgumentParser(
-        prog="python -m tvlars_scale.grid", description=__doc__.splitlines()[0]
+        prog="python -m tvlars_scale.paper.grid", description=__doc__.splitlines()[0]
     )
     parser.add_argument("action", choices=("print", "run", "count"))
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"grid YAML (default {DEFAULT_GRID})")

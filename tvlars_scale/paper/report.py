@@ -1,7 +1,7 @@
 """Collect finished runs into a Table-1-shaped markdown, the paper's numbers beside ours.
 
-    python -m tvlars_scale.report runs/paper_table1 > table1.md
-    python -m tvlars_scale.report runs/digits_study --rows batch
+    python -m tvlars_scale.paper.report runs/paper_table1 > table1.md
+    python -m tvlars_scale.paper.report runs/digits_study --rows batch
 
 A finished run is a directory holding the trainer's ``config.yaml`` (the resolved config) and
 ``metrics.json``; everything the table needs is read from those two files, so runs launched by hand
@@ -9,7 +9,7 @@ count as well as grid runs. One section per (task, dataset); one column per opti
 (TVLARS, LARS with and without warm-up, LAMB ...); one row per (batch, lr) (``--rows lr``, the
 paper's layout) or per batch (``--rows batch``, for studies whose optimizers use different learning
 rates); a cell is the mean top-1 (%) over seeds +- their standard deviation and the seed count.
-The best mean of a row is bold. The paper's values come from ``tvlars_scale/paper_table1.yaml``; a
+The best mean of a row is bold. The paper's values come from ``tvlars_scale/paper/table1.yaml``; a
 cell it does not hold reads ``n/a``.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-PAPER_TABLE = Path(__file__).with_name("paper_table1.yaml")
+PAPER_TABLE = Path(__file__).with_name("table1.yaml")
 PAPER_DATASETS = ("cifar10", "tiny-imagenet")
 METRIC_BY_TASK = {"classification": "test_accuracy", "barlow_twins": "linear_test_accuracy"}
 TASK_TITLES = {"classification": "Classification", "barlow_twins": "Barlow Twins (linear eval.)"}
@@ -59,10 +59,21 @@ class RunResult:
     """Top-1 accuracy in [0, 1]."""
 
 
-def optimizer_label(optim: dict) -> str:
-    """The table column of a resolved ``optim`` config section."""
-    name = optim["name"]
-    warmup = optim.get("schedule") == "warmup_cosine" and optim.get("warmup_epochs", 0) > 0
+def _schedule_section(config: dict) -> dict:
+    """The resolved ``schedule`` section; a run written before the schedule left the ``optim``
+    section (``optim.schedule``, ``optim.warmup_epochs``) is read from its old keys, so a grid
+    resumed across the change reports its earlier runs in the right column."""
+    if "schedule" in config:
+        return config["schedule"]
+    optim = config["optim"]
+    return {"name": optim.get("schedule"), "warmup_epochs": optim.get("warmup_epochs", 0)}
+
+
+def optimizer_label(config: dict) -> str:
+    """The table column of a run's resolved config (its ``optim`` and ``schedule`` sections)."""
+    name = config["optim"]["name"]
+    schedule = _schedule_section(config)
+    warmup = schedule.get("name") == "warmup_cosine" and schedule.get("warmup_epochs", 0) > 0
     if name == "tvlars":
         return "TVLARS"
     if name == "tvlars_official":
@@ -86,7 +97,7 @@ def read_run(run_dir: Path) -> RunResult:
         task=task,
         dataset=config["data"]["name"],
         model=config["model"]["name"],
-        optimizer=optimizer_label(config["optim"]),
+        optimizer=optimizer_label(config),
         batch=int(config["batch"]["global_batch_size"]),
         lr=float(config["optim"]["lr"]),
         seed=int(config["run"]["seed"]),
@@ -186,7 +197,9 @@ def render(results: list[RunResult], paper: dict[tuple, float], rows: str = "lr"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tvlars_scale.report", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tvlars_scale.paper.report", description=__doc__
+    )
     parser.add_argument("runs_dir", type=Path, help="directory holding finished run directories")
     parser.add_argument("--rows", choices=("lr", "batch"), default="lr")
     parser.add_argument("--paper", type=Path, default=PAPER_TABLE, help="paper values (YAML)")

@@ -1,16 +1,27 @@
-"""Per-layer norms of what a rank holds: local partial sums, ONE all-reduce, sqrt.
+"""What a rank steps, as pieces of whole named layers, and the one all-reduce that makes norms whole.
 
 A layer-wise optimizer needs, for every layer k, ``||w_k||`` and the norm of its update direction. When a
 rank holds whole parameters (one process, DDP) the norms are local. Under DeepSpeed ZeRO a rank holds
-flat partitions in which a layer may be cut between ranks, so each rank describes what it holds as
-:class:`Piece` s of layers, sums the squared norms of its pieces per layer, and one ``all_reduce(SUM)``
-of a ``2 x K`` float32 matrix (8 bytes per layer) over the data-parallel group makes them whole.
-Precedents: apex DistributedFusedLAMB, VISSL's LARC for FSDP.
+flat partitions in which a layer may be cut between ranks. Both cases are described by one vocabulary:
+
+* a :class:`Piece` is a contiguous run of one layer inside one tensor the optimizer steps: where it
+  lies in that tensor (``start``) and where in the whole layer (``layer_offset``);
+* a :class:`TensorLayout` is what one stepped tensor holds on this rank: its pieces, and every layer
+  of the (sub-)group it partitions;
+* a :class:`ShardedLayout` maps each stepped tensor to its :class:`TensorLayout` and names the layers
+  with their original shapes. :mod:`.zero_layout` builds it from DeepSpeed's bookkeeping;
+  :meth:`ShardedLayout.whole_layers` builds the unsharded one (every tensor one whole layer).
+
+The optimizer, once bound to a sharded layout, sums the squared norms of its pieces per layer, and
+:func:`layer_norms` runs one ``all_reduce(SUM)`` of a ``2 x K`` float32 matrix (8 bytes per layer)
+over the data-parallel group to make them whole. Precedents: apex DistributedFusedLAMB, VISSL's LARC
+for FSDP. The checkpoint (``tvlars_scale.checkpoint.layer_state``) saves and restores the optimizer
+state piece by piece through the same layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,27 +37,33 @@ class Piece:
     layer: int
     """Global layer index into :attr:`ShardedLayout.layer_names`."""
     start: int
-    """Element offset of the run inside the flat optimizer tensor."""
+    """Element offset of the run inside the (flat) optimizer tensor."""
     numel: int
+    layer_offset: int
+    """Element offset of the run inside its whole layer (flattened): the run holds the layer's
+    elements ``[layer_offset, layer_offset + numel)``."""
 
 
 @dataclass(frozen=True)
 class TensorLayout:
-    """What one optimizer tensor (a flat partition) holds on this rank."""
+    """What one optimizer tensor (a flat partition or a whole parameter) holds on this rank."""
 
     layers: tuple[int, ...]
     """Every layer of the (sub-)group this tensor partitions, the same on every rank: it sizes the
-    all-reduce, so ranks that hold nothing of a layer still contribute a zero for it."""
+    all-reduce, so ranks that hold nothing of a layer still contribute a zero for it; and these
+    layers share the tensor's per-tensor optimizer state (its step counter)."""
     pieces: tuple[Piece, ...]
     """The runs this rank holds; padding and uninitialised tails are simply not covered."""
 
 
 class ShardedLayout:
-    """Maps the tensors a sharded optimizer steps to pieces of whole, named layers.
+    """Maps the tensors an optimizer steps to pieces of whole, named layers.
 
     ``layer_shapes`` are the ORIGINAL parameter shapes: the optimizer decides exclusion (1-D layers) from
     them, never from the flat tensor. ``process_group`` is the data-parallel group the norm all-reduce
-    runs over (``None``: the default group).
+    runs over (``None``: the default group). ``sharded`` is ``False`` only for
+    :meth:`whole_layers`: every rank then steps the same whole parameters, and an optimizer must not be
+    bound to it (its norms are local).
     """
 
     def __init__(
@@ -55,6 +72,8 @@ class ShardedLayout:
         layer_shapes: Sequence[Sequence[int]],
         tensors: Sequence[tuple[torch.Tensor, TensorLayout]],
         process_group: dist.ProcessGroup | None = None,
+        *,
+        sharded: bool = True,
     ) -> None:
         if len(layer_names) != len(layer_shapes):
             raise ValueError("layer_names and layer_shapes must have the same length")
@@ -63,19 +82,36 @@ class ShardedLayout:
         # Keyed by id(); the tuple keeps each tensor alive so an id is never reused while bound.
         self._tensors = {id(tensor): (tensor, entry) for tensor, entry in tensors}
         self.process_group = process_group
+        self.sharded = sharded
         for _, entry in self._tensors.values():
             for piece in entry.pieces:
                 if piece.layer not in entry.layers:
                     raise ValueError(f"piece of layer {piece.layer} outside its tensor's layers")
 
+    @classmethod
+    def whole_layers(cls, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> ShardedLayout:
+        """Nothing sharded: each tensor is a whole named layer, one piece at offset 0 of it."""
+        names, shapes, tensors = [], [], []
+        for layer, (name, tensor) in enumerate(named_tensors):
+            names.append(name)
+            shapes.append(tuple(tensor.shape))
+            piece = Piece(layer, start=0, numel=tensor.numel(), layer_offset=0)
+            tensors.append((tensor, TensorLayout((layer,), (piece,))))
+        return cls(names, shapes, tensors, sharded=False)
+
     def of(self, tensor: torch.Tensor) -> TensorLayout | None:
         found = self._tensors.get(id(tensor))
         return None if found is None else found[1]
+
+    def items(self) -> Iterator[tuple[torch.Tensor, TensorLayout]]:
+        """Every described tensor with what it holds, in the order they were given."""
+        return iter(self._tensors.values())
 
 
 def layer_norms(
     piece_squares: torch.Tensor | None,
     piece_to_layer: torch.Tensor | None,
+    *,
     num_layers: int,
     process_group: dist.ProcessGroup | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
