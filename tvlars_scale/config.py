@@ -315,7 +315,8 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(3, ge=1)
     """Complete checkpoints kept in output_dir/checkpoints; older ones are deleted after a save."""
     save_at_end: bool = True
-    """Save a checkpoint when training completes."""
+    """Save a checkpoint when training completes and export its model to output_dir/export
+    (model.safetensors + model.json, see tvlars_scale.export)."""
     resume: str | None = None
     """null: a new run; auto: continue from the newest complete checkpoint in run.output_dir (a new
     run if there is none); or the path of a checkpoint (.../checkpoints/step-N) or of a run
@@ -349,9 +350,19 @@ def _name_first(fields: dict) -> list:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write 1e-4)."""
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; users write 1e-4) and
+    only true / false as booleans, as YAML 1.2 does (1.1 also reads no / yes / on / off, so
+    ``run.mixed_precision=no`` would be False)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -8,17 +8,30 @@ and the files the loop writes there.
     layer_stats.jsonl    per-layer weight / update norms and trust ratios per log step
     tensorboard/         Accelerate's TensorBoard tracker
     checkpoints/         tvlars_scale.checkpoint
+    export/              the final model: model.safetensors + model.json (tvlars_scale.export)
 
 :meth:`RunDir.resolve_start` decides, before anything is written, whether the run starts fresh or
 resumes and from which checkpoint (:mod:`tvlars_scale.checkpoint.policy`); :meth:`RunDir.start`
 then clears a replaced run's files or trims a resumed run's files back to its step. Only the main
 process writes.
+
+One writer per run directory: before it looks at the directory, the main process takes an exclusive
+``flock`` on the directory itself (:meth:`RunDir.lock`), held until the process ends. The operating
+system releases it when the process dies, so a crashed or killed run leaves no stale lock and a
+requeued launch just resumes; a second launch while the first is alive (a hand relaunch, a requeue
+beside orphaned workers) is refused, naming the holder recorded in ``.owner``. A directory created
+only to hold the lock is removed again if the start is refused. On network file systems the lock is
+as good as their ``flock`` support (Lustre: mount with ``-o flock``).
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +39,37 @@ from tvlars_scale.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointInfo,
     complete_checkpoints,
+    find_latest_complete,
     remove_leftovers,
     resolve_resume,
 )
 from tvlars_scale.checkpoint.policy import CONFIG_FILE
 from tvlars_scale.config import Config, ConfigError
+from tvlars_scale.export import export_checkpoint
 from tvlars_scale.telemetry import LAYER_STATS_FILE
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "RUN_FILES", "TENSORBOARD_DIR", "RunDir"]
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORT_DIR",
+    "METRICS_FILE",
+    "OWNER_FILE",
+    "RUN_FILES",
+    "TENSORBOARD_DIR",
+    "RunDir",
+]
 
 METRICS_FILE = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, LAYER_STATS_FILE, CHECKPOINTS_DIR)
+OWNER_FILE = ".owner"
+EXPORT_DIR = "export"
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    LAYER_STATS_FILE,
+    CHECKPOINTS_DIR,
+    EXPORT_DIR,
+)
 """What a run writes at the top of its directory; any of them there means the directory holds a run."""
 
 
@@ -48,6 +80,42 @@ class RunDir:
         self.config = config
         self.path = Path(config.run.output_dir)
         self.is_main = is_main
+        self._lock_fd: int | None = None
+        self._created = False  # the directory was made for the lock: remove it if never started
+
+    def lock(self) -> str | None:
+        """Take the run directory's writer lock (main process); ``None`` when taken, else a line
+        naming who holds it. Writes nothing but the directory itself when it does not exist."""
+        if self.path.exists() and not self.path.is_dir():
+            return None  # resolve_start names this error
+        if not self.path.exists():
+            self.path.mkdir(parents=True)
+            self._created = True
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = (self.path / OWNER_FILE).read_text().strip()
+            except OSError:
+                holder = "a process that has not started writing yet"
+            return (
+                f"{str(self.path)!r} is in use by another launch ({holder}); wait for it to end or "
+                "stop it, or choose another directory"
+            )
+        self._lock_fd = fd
+        return None
+
+    def unlock(self) -> None:
+        """Release the lock; a directory made only for it (the start was refused) goes again."""
+        if self._lock_fd is None:
+            return
+        if self._created and not any(self.path.iterdir()):
+            self.path.rmdir()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def resolve_start(self) -> CheckpointInfo | None:
         """The checkpoint to resume from (None: a new run). Refuses a start that would clobber a
@@ -74,6 +142,10 @@ class RunDir:
         if not self.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        self._created = False  # the run starts: the directory is its own now
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        owner = f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+        (self.path / OWNER_FILE).write_text(owner + "\n")
         own = (
             resume_from is not None
             and resume_from.path.parent.parent.resolve() == self.path.resolve()
@@ -107,6 +179,12 @@ class RunDir:
         if self.is_main:
             with open(self.path / LAYER_STATS_FILE, "a") as stream:
                 stream.write(json.dumps(record) + "\n")
+
+    def export_model(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The newest complete checkpoint's model as ``export/model.safetensors`` + ``model.json``."""
+        if self.is_main:
+            latest = find_latest_complete(self.path)
+            export_checkpoint(latest.path, self.path / EXPORT_DIR, mean=mean, std=std)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         if self.is_main:

@@ -20,6 +20,7 @@ __all__ = [
     "StatsByLayer",
     "adapted_layer_names",
     "gather_layer_stats",
+    "run_metrics",
     "trust_ratio_summary",
 ]
 
@@ -93,4 +94,24 @@ def trust_ratio_summary(stats: StatsByLayer, adapted_layers: set[str]) -> dict[s
         "trust_ratio/min": min(ratios),
         "trust_ratio/median": statistics.median(ratios),
         "trust_ratio/max": max(ratios),
+    }
+
+
+def run_metrics(history: list[dict], state, plan, lr: float, train_seconds: float) -> dict:
+    """What metrics.json holds: every evaluation, the counters, throughput and the batch plan."""
+    return {
+        "final": history[-1] if history else {},
+        "history": history,
+        "num_steps": state.step,
+        "num_epochs": state.epoch,
+        "num_samples": state.num_samples,
+        "num_skipped_steps": state.num_skipped_steps,
+        "train_seconds": train_seconds,
+        "samples_per_second": state.num_samples / train_seconds if train_seconds else 0.0,
+        "effective_batch": plan.describe(),
+        "global_batch_size": plan.global_batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "grad_accum_steps": plan.grad_accum_steps,
+        "world_size": plan.world_size,
+        "lr": lr,
     }

@@ -1,8 +1,12 @@
 """Train from a config file: ``accelerate launch -m tvlars_scale.train --config C.yaml [key=value ...]``.
 
 One process without a launcher: ``tvlars-train --config C.yaml`` (or ``python -m tvlars_scale.train``).
+``--dry-run`` builds everything for the world size it is launched with (the model on the meta
+device), prints the batch plan and the resolved config, writes nothing and exits 0.
 A bad config or argument prints ONE line, ``config error: <key>: <problem>``, and exits with status 2
-before anything is written. Too many optimizer steps in a row with NaN/Inf gradients print one line,
+before anything is written; so do a run directory in use by another launch and a checkpoint that
+cannot be restored (``config error: checkpoint.resume: cannot restore <checkpoint>: <piece>: ...``).
+Too many optimizer steps in a row with NaN/Inf gradients print one line,
 ``training stopped: ...``, and exit with status 3 (the last checkpoint stays intact). A SIGTERM /
 SIGUSR1 saves a checkpoint at the next optimizer step and exits with status 0.
 """
@@ -26,6 +30,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(prog="tvlars-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config against this launch, print the plan and the config, write nothing",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3"
     )
     return parser.parse_args(argv)
@@ -42,14 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(config)
         try:
-            trainer.setup()
-            trainer.train()
+            if args.dry_run:
+                trainer.dry_run()
+            else:
+                trainer.setup()
+                trainer.train()
         finally:
             trainer.close()
     except ConfigError as error:
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike: say it once
             print(error.line(), file=sys.stderr)
         return 2
+
     except NonFiniteError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"training stopped: {error}", file=sys.stderr)

@@ -20,16 +20,17 @@ and stops the run (exit 0). A step whose gradients hold NaN/Inf is skipped
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
-from accelerate.utils import DistributedType, set_seed
-from torch import Tensor
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tvlars_scale import build, fault_injection
 from tvlars_scale.accelerate_setup import StepAccumulation, make_accelerator, prepare
 from tvlars_scale.checkpoint import Checkpointer, find_latest_complete
-from tvlars_scale.config import Config
+from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import NonFiniteError, gradients_are_finite
 from tvlars_scale.preemption import PreemptionFlag
 from tvlars_scale.run_dir import TENSORBOARD_DIR, RunDir
@@ -38,6 +39,7 @@ from tvlars_scale.telemetry import (
     LogWindow,
     adapted_layer_names,
     gather_layer_stats,
+    run_metrics,
     trust_ratio_summary,
 )
 from tvlars_scale.train_state import TrainState
@@ -54,9 +56,11 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.preemption = PreemptionFlag()
 
-    def setup(self) -> None:
-        """The build phase, in order. Everything that can fail on the user's input runs before the
-        first file is written; the RNG is seeded where the model is built, as the seed defines it."""
+    def build(self, *, dry_run: bool = False) -> nn.Module:
+        """The build phase, in order: every config section becomes its component. Everything that
+        can fail on the user's input runs here, before the first file is written; the RNG is seeded
+        where the model is built, as the seed defines it. ``dry_run``: the model on the meta device
+        (no weights allocated), the run directory neither locked nor written."""
         config, run = self.config, self.config.run
         self.accelerator = accelerator = make_accelerator(config)
         self.plan = build.batch_plan(config, accelerator.num_processes)
@@ -69,17 +73,45 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader) // self.plan.grad_accum_steps
         self.total_steps = self.steps_per_epoch * run.num_epochs
         self.run_dir = RunDir(config, is_main=accelerator.is_main_process)
-        resume_from = self.run_dir.resolve_start()
+        if not dry_run:
+            held_by = self.run_dir.lock() if accelerator.is_main_process else None
+            # collective: broadcast of the main process's lock outcome: every rank stops together.
+            [held_by] = broadcast_object_list([held_by])
+            if held_by:
+                raise ConfigError("run.output_dir", held_by)
+        self.resume_from = self.run_dir.resolve_start()
 
         set_seed(run.seed)  # the same initial model on every rank
         self.task = build_task(config, self.data, accelerator.process_index)
-        model = build.model(config, self.task, accelerator)
+        with torch.device("meta") if dry_run else nullcontext():
+            model = build.model(config, self.task, accelerator)
         self.lr = build.peak_lr(config, self.plan)
         self.optimizer = build.optimizer(config.optim, model, self.lr, self.steps_per_epoch)
         self.lr_at = build.lr_schedule(
             config.schedule, self.lr, self.steps_per_epoch, self.total_steps
         )
         self.adapted_layers = adapted_layer_names(self.optimizer)
+        return model
+
+    def dry_run(self) -> None:
+        """Build everything but the weights, print the plan and the resolved config; write nothing."""
+        model = self.build(dry_run=True)
+        start = f"resume from {self.resume_from.path}" if self.resume_from else "a new run"
+        num_params = sum(p.numel() for p in model.parameters())
+        self.accelerator.print(
+            f"dry run: {self.plan.describe()}\n{self._schedule_line()}\n"
+            f"model {self.config.model.name}: {num_params:,} parameters; optimizer "
+            f"{type(self.optimizer).__name__} ({self.config.optim.name}); data {self.data.name}: "
+            f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images; "
+            f"{start} in {self.run_dir.path}\n--- resolved config ---\n{self.config.to_yaml()}",
+            end="",
+        )
+
+    def setup(self) -> None:
+        """:meth:`build`, then Accelerate / DeepSpeed, the checkpointer, the resume, the run directory."""
+        model = self.build()
+        config, run, accelerator = self.config, self.config.run, self.accelerator
+        resume_from = self.resume_from
         # self.optimizer stays the client optimizer (its param groups, telemetry); the prepared
         # wrapper only zeroes gradients and, without DeepSpeed, steps it.
         self.model, self.prepared_optimizer, self.precision = prepare(
@@ -114,11 +146,14 @@ class Trainer:
             accelerator.init_trackers(TENSORBOARD_DIR, config=self.run_dir.hparams())
         self.preemption.install()
         accelerator.print(self.plan.describe())
-        accelerator.print(
-            f"{self.steps_per_epoch} steps per epoch x {run.num_epochs} epochs = "
-            f"{self.total_steps} optimizer steps; lr {self.lr:g} "
-            f"({config.batch.lr_scaling} scaling of {config.optim.lr:g} from batch "
-            f"{config.batch.base_batch_size})"
+        accelerator.print(self._schedule_line())
+
+    def _schedule_line(self) -> str:
+        batch = self.config.batch
+        return (
+            f"{self.steps_per_epoch} steps per epoch x {self.config.run.num_epochs} epochs = "
+            f"{self.total_steps} optimizer steps; lr {self.lr:g} ({batch.lr_scaling} scaling of "
+            f"{self.config.optim.lr:g} from batch {batch.base_batch_size})"
         )
 
     def state_dict(self) -> dict:
@@ -186,6 +221,7 @@ class Trainer:
         progress.close()
         if self.config.checkpoint.save_at_end:
             self.checkpointer.save(state.step)
+            self.run_dir.export_model(self.data.mean, self.data.std)
         return self._write_metrics(train_seconds)
 
     def _step_finished(self, applied: bool) -> bool:
@@ -300,29 +336,15 @@ class Trainer:
         progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{values['lr']:.3g}")
 
     def _write_metrics(self, train_seconds: float) -> dict:
-        plan, state = self.plan, self.state
-        metrics = {
-            "final": self.history[-1] if self.history else {},
-            "history": self.history,
-            "num_steps": state.step,
-            "num_epochs": state.epoch,
-            "num_samples": state.num_samples,
-            "num_skipped_steps": state.num_skipped_steps,
-            "train_seconds": train_seconds,
-            "samples_per_second": state.num_samples / train_seconds if train_seconds else 0.0,
-            "effective_batch": plan.describe(),
-            "global_batch_size": plan.global_batch_size,
-            "micro_batch_size": plan.micro_batch_size,
-            "grad_accum_steps": plan.grad_accum_steps,
-            "world_size": plan.world_size,
-            "lr": self.lr,
-        }
+        metrics = run_metrics(self.history, self.state, self.plan, self.lr, train_seconds)
         self.run_dir.write_metrics(metrics)
         return metrics
 
     def close(self) -> None:
         """Flush trackers and leave the process group (safe to call after a failed setup)."""
         self.preemption.uninstall()
+        if hasattr(self, "run_dir"):
+            self.run_dir.unlock()
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None:
             accelerator.end_training()

@@ -77,6 +77,15 @@ def test_switching_optimizer_keeps_shared_settings_and_refuses_foreign_ones(base
     )
 
 
+def test_only_true_and_false_are_booleans(base_yaml):
+    # YAML 1.1 reads `no` as False: run.mixed_precision=no must stay the string "no".
+    config = load_config(base_yaml, ["run.mixed_precision=no", "run.tensorboard=false"])
+    assert (config.run.mixed_precision, config.run.tensorboard) == ("no", False)
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_yaml, ["run.tensorboard=yes"])
+    assert caught.value.key == "run.tensorboard"
+
+
 def test_task_section_without_name_means_classification(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", "task:\n  label_smoothing: 0.1\n")
     assert load_config(path).task.label_smoothing == 0.1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -102,3 +103,29 @@ def test_hparams_are_flat_scalars(tmp_path):
     assert hparams["data.path"] == "None"  # TensorBoard takes no None
     assert hparams["checkpoint.allow_changes"] == "[]"
     assert all(isinstance(value, (int, float, str, bool)) for value in hparams.values())
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    path = tmp_path / "run"
+    first = RunDir(config(path), is_main=True)
+    assert first.lock() is None
+    first.start(None, step=0)
+    second = RunDir(config(path, resume="auto"), is_main=True)
+    held = second.lock()  # flock is per open file: a second open conflicts even in one process
+    assert held is not None and f"pid {os.getpid()} on " in held and "in use" in held
+    first.unlock()  # what the OS does when the holder dies
+    assert second.lock() is None
+    second.unlock()
+    assert (path / "config.yaml").exists()  # a started run keeps its directory
+
+
+def test_a_directory_made_for_a_refused_start_goes_again(tmp_path):
+    path = tmp_path / "new"
+    run = RunDir(config(path), is_main=True)
+    assert run.lock() is None
+    assert path.is_dir()
+    run.unlock()  # the start was refused (e.g. an unknown model) before anything was written
+    assert not path.exists()
+    worker = RunDir(config(path), is_main=False)
+    worker.unlock()  # never locked: nothing to do
+    assert not path.exists()

@@ -46,6 +46,7 @@ from tvlars_scale.checkpoint.layer_state import (
     unsharded_layout,
 )
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
+from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout
 
 __all__ = ["CheckpointRestoreError", "Checkpointer"]
@@ -55,8 +56,15 @@ TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
 
 
-class CheckpointRestoreError(RuntimeError):
-    """A piece of a checkpoint could not be restored; the run must not continue as if it had."""
+class CheckpointRestoreError(ConfigError):
+    """A piece of a checkpoint could not be restored; the run must not continue as if it had.
+
+    A bad ``checkpoint.resume`` target: the command line prints it as its one line and exits 2."""
+
+    def __init__(self, checkpoint: Path, piece: str, problem: str):
+        if len(problem) > 300:
+            problem = problem[:297] + "..."
+        super().__init__("checkpoint.resume", f"cannot restore {checkpoint}: {piece}: {problem}")
 
 
 class TrainStateful(Protocol):
@@ -191,20 +199,27 @@ class Checkpointer:
         Raises :class:`CheckpointRestoreError` naming the piece that cannot be restored.
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        piece = MODEL_FILE  # what is being restored, for the error
         try:
             model_state = load_file(info.path, MODEL_FILE)
             with self._full_parameters(modifier_rank=0):
                 self.module.load_state_dict(model_state)
-            payloads = [
-                load_file(info.path, rank_file(r), mmap=True) for r in range(info.world_size)
-            ]
+            payloads = []
+            for r in range(info.world_size):
+                piece = rank_file(r)
+                payloads.append(load_file(info.path, piece, mmap=True))
+            piece = "the optimizer state (per layer, all rank files)"
             restore_layer_state(self.optimizer, self.layout, [p["layers"] for p in payloads])
             if rank < info.world_size:
+                piece = f"the random states in {rank_file(rank)}"
                 restore_rng_state(payloads[rank]["rng"])
+                piece = f"the task state in {rank_file(rank)}"
                 self.task.load_state_dict(payloads[rank]["task"])
+            piece = TRAINER_FILE
             trainer_state = load_file(info.path, TRAINER_FILE)
-        except (OSError, RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointRestoreError(f"cannot restore {info.path}: {error}") from error
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
+            problem = " ".join(str(error).split()) or type(error).__name__
+            raise CheckpointRestoreError(info.path, piece, problem) from error
         if world_size != info.world_size:
             low, high = sorted((world_size, info.world_size))
             ranks = f"rank {low}" if high - low == 1 else f"ranks {low}..{high - 1}"

@@ -46,12 +46,14 @@ __all__ = [
     "CheckpointInfo",
     "complete_checkpoints",
     "find_latest_complete",
+    "fsync_path",
     "load_file",
     "prune",
     "rank_file",
     "read_manifest",
     "remove_leftovers",
     "save_checkpoint",
+    "write_durably",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -127,10 +129,10 @@ def _write_payload(directory: Path, name: str, payload: Any) -> None:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         data = buffer.getvalue()
-    _write_durably(directory / name, data)
+    write_durably(directory / name, data)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """Write to a temporary name, fsync, rename: ``path`` is whole or absent, never partial."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as handle:
@@ -140,8 +142,8 @@ def _write_durably(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and creations inside ``directory`` durable (POSIX: fsync the directory)."""
+def fsync_path(directory: Path) -> None:
+    """fsync a file, or a directory to make renames and creations inside it durable (POSIX)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,8 +165,8 @@ def _publish(staging: Path, final: Path, step: int, world_size: int, metadata: d
         "files": {name: (staging / name).stat().st_size for name in names},
         "metadata": metadata,
     }
-    _write_durably(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    _fsync_dir(staging)
+    write_durably(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    fsync_path(staging)
     if final.exists():
         # The same step saved before (the end-of-training save after a periodic one): swap the new
         # copy in. A crash between the two renames leaves no step-N, but both copies are complete
@@ -176,12 +178,12 @@ def _publish(staging: Path, final: Path, step: int, world_size: int, metadata: d
         shutil.rmtree(trash)
     else:
         os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _write_latest(root: Path, name: str) -> None:
-    _write_durably(root / LATEST, (name + "\n").encode())
-    _fsync_dir(root)
+    write_durably(root / LATEST, (name + "\n").encode())
+    fsync_path(root)
 
 
 def read_manifest(path: str | Path) -> CheckpointInfo | None:
