@@ -739,7 +739,7 @@ def trainer_overrides(spec: dict) -> list[str]:
         f"run.output_dir={spec['output_dir']}",
         "run.overwrite=true",
         "run.num_epochs=1",
-        "run.tensorboard=false",
+        "run.trackers=[]",
         "run.progress_bar=false",
         f"run.mixed_precision={spec['precision']}",
         "data.name=synthetic",

@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> dict:
     overrides = [
         f"run.output_dir={args.output_dir}/accum{args.accum}",
         "run.overwrite=true",
-        "run.tensorboard=false",
+        "run.trackers=[]",
         "run.progress_bar=false",
         "data.name=synthetic",
         f"data.image_size={args.image_size}",

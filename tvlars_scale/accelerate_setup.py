@@ -7,16 +7,28 @@ the plan into the plugin's config before ``prepare`` (a JSON value that disagree
 Accelerate's DeepSpeed optimizer wrapper's ``step()`` is a no-op: the engine steps inside the last
 micro-batch's backward. :func:`prepare` then binds a layer-wise optimizer to the ZeRO partitions it
 is handed (``bind_zero``), so its per-layer norms cover whole layers.
+
+:func:`make_trackers` builds Accelerate's experiment trackers for ``run.trackers``, each told where
+to write (one instance per tracker: ``init_trackers`` would give them all one project name).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    is_mlflow_available,
+    is_tensorboard_available,
+    is_wandb_available,
+)
 from torch import Tensor, nn
 
 from tvlars_scale import fault_injection
@@ -24,14 +36,17 @@ from tvlars_scale.batching import BatchPlan
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import check_deepspeed_skips_nonfinite
 from tvlars_scale.optim import bind_zero
+from tvlars_scale.run_dir import MLFLOW_ARTIFACTS_DIR, MLFLOW_DB, TENSORBOARD_DIR
 
 __all__ = [
     "StepAccumulation",
     "check_engine_plan",
     "deepspeed_autocast",
     "make_accelerator",
+    "make_trackers",
     "prepare",
     "put_plan_into_deepspeed",
+    "start_trackers",
 ]
 
 
@@ -52,7 +67,7 @@ def make_accelerator(config: Config) -> Accelerator:
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
-        log_with="tensorboard" if config.run.tensorboard else None,
+        log_with=make_trackers(config) or None,
         project_dir=config.run.output_dir,
         kwargs_handlers=handlers,
     )
@@ -62,6 +77,81 @@ def make_accelerator(config: Config) -> Accelerator:
             "gradients would not be synchronised"
         )
     return accelerator
+
+
+TRACKER_PROJECT = "tvlars_scale"
+"""The wandb project (unless WANDB_PROJECT is set) and the MLflow experiment."""
+
+_INSTALLED = {
+    "tensorboard": is_tensorboard_available,
+    "wandb": is_wandb_available,
+    "mlflow": is_mlflow_available,
+}
+
+
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in modules)
+
+
+class _MLflowTracker(MLflowTracker):
+    """Accelerate's MLflow tracker on a given store (Accelerate's own uses mlflow's global one)."""
+
+    def __init__(self, tracking_uri: str, **kwargs):
+        super().__init__(**kwargs)
+        self.tracking_uri = tracking_uri
+
+    def start(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        super().start()
+
+
+def make_trackers(config: Config) -> list[GeneralTracker]:
+    """Accelerate's trackers for ``run.trackers`` (where each writes: the field's doc). They write
+    nothing until ``accelerator.init_trackers`` starts them on the main process. A tracker that is
+    not installed is refused here (Accelerate would silently leave it out)."""
+    output_dir = Path(config.run.output_dir).resolve()
+    trackers: list[GeneralTracker] = []
+    for name in config.run.trackers:
+        if not _INSTALLED[name]():
+            raise ConfigError("run.trackers", f"{name} is not installed (pip install {name})")
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(TENSORBOARD_DIR, output_dir))
+        elif name == "wandb":
+            # WANDB_MODE (online, offline...) is read by wandb.init itself.
+            project = os.environ.get("WANDB_PROJECT") or TRACKER_PROJECT
+            trackers.append(WandBTracker(project, dir=str(output_dir), name=output_dir.name))
+        else:
+            trackers.append(_mlflow_tracker(output_dir))
+    return trackers
+
+
+def start_trackers(accelerator: Accelerator, hparams: dict) -> None:
+    """Start the trackers of :func:`make_trackers` (none: nothing happens) with ``hparams`` as
+    their hyper-parameters; on the main process only."""
+    # The project name goes to trackers named by a string; ours were built with their own.
+    accelerator.init_trackers(TRACKER_PROJECT, config=hparams)
+
+
+def _mlflow_tracker(output_dir: Path) -> MLflowTracker:
+    uri, artifacts = os.environ.get("MLFLOW_TRACKING_URI"), None
+    if not uri:
+        # A store in the run directory. Not mlflow's file store (./mlruns): mlflow 3 refuses it
+        # unless MLFLOW_ALLOW_FILE_STORE=true. Its sqlite store needs SQLAlchemy and alembic, which
+        # mlflow brings and mlflow-skinny does not.
+        if not _installed("sqlalchemy", "alembic"):
+            raise ConfigError(
+                "run.trackers",
+                f"mlflow's store sqlite:///<output_dir>/{MLFLOW_DB} needs SQLAlchemy and alembic "
+                "(pip install mlflow, or mlflow-skinny sqlalchemy alembic); or set "
+                "MLFLOW_TRACKING_URI",
+            )
+        uri = f"sqlite:///{output_dir / MLFLOW_DB}"
+        artifacts = str(output_dir / MLFLOW_ARTIFACTS_DIR)
+    return _MLflowTracker(
+        uri, experiment_name=TRACKER_PROJECT, logging_dir=artifacts, run_name=output_dir.name
+    )
 
 
 def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:

@@ -77,7 +77,7 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     output_dir: str = "runs/default"
-    """Run directory: resolved config, TensorBoard logs and metrics.json are written here."""
+    """Run directory: resolved config, tracker logs and metrics.json are written here."""
     overwrite: bool = False
     """Allow starting in a non-empty run directory (its files are replaced); when resuming from an
     older checkpoint of the same run, discard the newer checkpoints."""
@@ -91,8 +91,15 @@ class RunConfig(_Section):
     """Log loss, lr, phi_t, trust ratios and samples/s every this many optimizer steps."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast precision; fp16 needs a GPU (Accelerate has no fp16 autocast on CPU)."""
-    tensorboard: bool = True
-    """Write TensorBoard events (Accelerate's tracker) under output_dir/tensorboard."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    """Experiment trackers (Accelerate's) that get every logged scalar and the resolved config as
+    hyper-parameters ([]: none): tensorboard writes to output_dir/tensorboard; wandb to
+    output_dir/wandb (WANDB_MODE from the environment, e.g. offline; project WANDB_PROJECT or
+    tvlars_scale; the run named after output_dir); mlflow to MLFLOW_TRACKING_URI, else
+    sqlite:///output_dir/mlflow.db (experiment tvlars_scale). wandb and mlflow are optional
+    packages: pip install wandb mlflow."""
     progress_bar: bool = True
     """Show a tqdm progress bar (main process only)."""
     max_nonfinite_steps: int = Field(5, ge=1)
@@ -412,8 +419,15 @@ def _variant_names(section: str) -> dict[str, type[_Section]]:
     return {cls.model_fields["name"].default: cls for cls in UNIONS[section][0]}
 
 
+RETIRED_KEYS = {
+    "run.tensorboard": "replaced by run.trackers (true: [tensorboard], the default; false: [])",
+}
+"""Keys older configs may hold -> what replaced them."""
+
+
 def _describe(error: dict) -> ConfigError:
-    loc = [str(part) for part in error["loc"]]
+    # A list item's index is no key of its own: run.trackers.1 is reported as run.trackers.
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
     union = loc[0] if loc and loc[0] in UNIONS else None
     if union and error["type"] == "union_tag_invalid":
         names = ", ".join(_variant_names(union))
@@ -427,6 +441,8 @@ def _describe(error: dict) -> ConfigError:
         variant, loc = loc[1], [loc[0], *loc[2:]]
     key = ".".join(loc) or "config"
     if error["type"] == "extra_forbidden":
+        if key in RETIRED_KEYS:
+            return ConfigError(key, RETIRED_KEYS[key])
         owners = (
             [name for name, cls in _variant_names(union).items() if loc[-1] in cls.model_fields]
             if union
@@ -464,6 +480,10 @@ def _check_consistency(config: Config) -> None:
             f"{batch.global_batch_size} is not a multiple of batch.micro_batch_size "
             f"({batch.micro_batch_size})",
         )
+    trackers = config.run.trackers
+    for tracker in trackers:
+        if trackers.count(tracker) > 1:
+            raise ConfigError("run.trackers", f"lists {tracker} twice (got {trackers})")
     for key in config.checkpoint.allow_changes:
         if key not in _known_keys():
             close = difflib.get_close_matches(key, _known_keys(), n=1)

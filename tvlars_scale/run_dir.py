@@ -6,14 +6,18 @@ and the files the loop writes there.
     config.yaml          the resolved config (written at start)
     metrics.json         final and per-evaluation metrics (written at the end)
     layer_stats.jsonl    per-layer weight / update norms and trust ratios per log step
-    tensorboard/         Accelerate's TensorBoard tracker
+    tensorboard/         TensorBoard events (run.trackers: tensorboard)
+    wandb/               Weights & Biases' run files (run.trackers: wandb)
+    mlflow.db            MLflow's store (run.trackers: mlflow, unless MLFLOW_TRACKING_URI is set)
+    mlartifacts/         MLflow's artifacts in that store (only if some are logged)
     checkpoints/         tvlars_scale.checkpoint
     export/              the final model: model.safetensors + model.json (tvlars_scale.export)
 
 :meth:`RunDir.resolve_start` decides, before anything is written, whether the run starts fresh or
 resumes and from which checkpoint (:mod:`tvlars_scale.checkpoint.policy`); :meth:`RunDir.start`
-then clears a replaced run's files or trims a resumed run's files back to its step. Only the main
-process writes.
+then clears a replaced run's files or trims a resumed run's files back to its step (the trackers'
+files are kept: TensorBoard appends to its events, wandb and MLflow record each launch as a run of
+its own). Only the main process writes.
 
 One writer per run directory: before it looks at the directory, the main process takes an exclusive
 ``flock`` on the directory itself (:meth:`RunDir.lock`), held until the process ends. The operating
@@ -52,20 +56,29 @@ __all__ = [
     "CONFIG_FILE",
     "EXPORT_DIR",
     "METRICS_FILE",
+    "MLFLOW_ARTIFACTS_DIR",
+    "MLFLOW_DB",
     "OWNER_FILE",
     "RUN_FILES",
     "TENSORBOARD_DIR",
+    "WANDB_DIR",
     "RunDir",
 ]
 
 METRICS_FILE = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # wandb.init(dir=output_dir) writes its files here
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 OWNER_FILE = ".owner"
 EXPORT_DIR = "export"
 RUN_FILES = (
     CONFIG_FILE,
     METRICS_FILE,
     TENSORBOARD_DIR,
+    WANDB_DIR,
+    MLFLOW_DB,
+    MLFLOW_ARTIFACTS_DIR,
     LAYER_STATS_FILE,
     CHECKPOINTS_DIR,
     EXPORT_DIR,

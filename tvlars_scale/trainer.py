@@ -27,13 +27,13 @@ from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tvlars_scale import build, fault_injection
+from tvlars_scale import accelerate_setup, build, fault_injection
 from tvlars_scale.accelerate_setup import StepAccumulation, make_accelerator, prepare
 from tvlars_scale.checkpoint import Checkpointer, find_latest_complete
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import NonFiniteError, gradients_are_finite
 from tvlars_scale.preemption import PreemptionFlag
-from tvlars_scale.run_dir import TENSORBOARD_DIR, RunDir
+from tvlars_scale.run_dir import RunDir
 from tvlars_scale.tasks import MicroBatch, MicroBatches, build_task
 from tvlars_scale.telemetry import (
     LogWindow,
@@ -142,8 +142,7 @@ class Trainer:
         self.run_dir.start(resume_from, self.state.step)
         # collective: barrier, the run directory exists before trackers open files in it.
         accelerator.wait_for_everyone()
-        if run.tensorboard:
-            accelerator.init_trackers(TENSORBOARD_DIR, config=self.run_dir.hparams())
+        accelerate_setup.start_trackers(accelerator, self.run_dir.hparams())
         self.preemption.install()
         accelerator.print(self.plan.describe())
         accelerator.print(self._schedule_line())

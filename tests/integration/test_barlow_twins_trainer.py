@@ -27,7 +27,7 @@ def parameters_after_training(tmp_path, micro_batch_size: int, exact: bool) -> l
             "batch.global_batch_size=32",
             f"batch.micro_batch_size={micro_batch_size}",
             f"run.output_dir={tmp_path / f'm{micro_batch_size}-{exact}'}",
-            "run.tensorboard=false",
+            "run.trackers=[]",
             "run.progress_bar=false",
         ],
     )

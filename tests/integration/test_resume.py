@@ -48,7 +48,7 @@ BASE_CONFIG = {
         "seed": 0,
         "num_epochs": NUM_EPOCHS,
         "log_every": 1,
-        "tensorboard": False,
+        "trackers": [],
         "progress_bar": False,
     },
     # A one-pixel random crop: the augmentation generators must be restored for bitwise equality.
@@ -164,7 +164,7 @@ def launch(
 SECTIONS = {
     "single": {},
     "ddp": {},
-    "zero2": {"data": {"crop_padding": 0}, "run": {"tensorboard": True}},
+    "zero2": {"data": {"crop_padding": 0}, "run": {"trackers": ["tensorboard"]}},
 }
 
 

@@ -155,7 +155,7 @@ def _parameters_after_steps(tmp_path: Path, micro_batch_size: int, num_steps: in
         QUICK_START,
         [
             f"run.output_dir={tmp_path / f'micro{micro_batch_size}_steps{num_steps}'}",
-            "run.tensorboard=false",
+            "run.trackers=[]",
             "run.progress_bar=false",
             "batch.global_batch_size=32",
             f"batch.micro_batch_size={micro_batch_size}",
@@ -196,7 +196,7 @@ def test_effective_batch_16384_on_two_ranks(tmp_path):
     overrides = [
         f"run.output_dir={run_dir}",
         "run.num_epochs=1",
-        "run.tensorboard=false",
+        "run.trackers=[]",
         "data.name=synthetic",
         "data.image_size=8",
         "data.num_synthetic=32768",  # two optimizer steps of 16384

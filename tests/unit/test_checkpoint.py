@@ -468,12 +468,16 @@ def test_operational_changes_are_accepted():
     changed = _config(
         run__output_dir="elsewhere",
         run__log_every=1,
-        run__tensorboard=False,
+        run__trackers=["wandb", "mlflow"],
         batch__micro_batch_size=8,
         data__path="/data/cifar",
     )
     changed["checkpoint"] = {"every_steps": 7, "resume": "auto"}
     assert policy.config_changes(_config(), changed) == []
+    older = _config()  # a checkpoint written before run.trackers replaced run.tensorboard
+    del older["run"]["trackers"]
+    older["run"]["tensorboard"] = True
+    assert policy.config_changes(older, _config()) == []
 
 
 def _run_with_checkpoint(run_dir: Path, step: int, config: dict) -> None:

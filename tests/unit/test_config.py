@@ -79,11 +79,36 @@ def test_switching_optimizer_keeps_shared_settings_and_refuses_foreign_ones(base
 
 def test_only_true_and_false_are_booleans(base_yaml):
     # YAML 1.1 reads `no` as False: run.mixed_precision=no must stay the string "no".
-    config = load_config(base_yaml, ["run.mixed_precision=no", "run.tensorboard=false"])
-    assert (config.run.mixed_precision, config.run.tensorboard) == ("no", False)
+    config = load_config(base_yaml, ["run.mixed_precision=no", "run.progress_bar=false"])
+    assert (config.run.mixed_precision, config.run.progress_bar) == ("no", False)
     with pytest.raises(ConfigError) as caught:
-        load_config(base_yaml, ["run.tensorboard=yes"])
-    assert caught.value.key == "run.tensorboard"
+        load_config(base_yaml, ["run.progress_bar=yes"])
+    assert caught.value.key == "run.progress_bar"
+
+
+def test_trackers_default_to_tensorboard_and_take_a_list(base_yaml):
+    assert load_config(base_yaml).run.trackers == ["tensorboard"]
+    config = load_config(base_yaml, ["run.trackers=[wandb, mlflow, tensorboard]"])
+    assert config.run.trackers == ["wandb", "mlflow", "tensorboard"]
+    assert load_config(base_yaml, ["run.trackers=[]"]).run.trackers == []
+    listed = write_yaml(base_yaml.parent / "t.yaml", "run:\n  trackers: [mlflow]\n")
+    assert load_config(listed).run.trackers == ["mlflow"]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("run.trackers=[wandb, comet_ml]", "'tensorboard', 'wandb' or 'mlflow' (got 'comet_ml')"),
+        ("run.trackers=[wandb, tensorboard, wandb]", "lists wandb twice"),
+        ("run.trackers=wandb", "valid list"),
+        ("run.tensorboard=false", "replaced by run.trackers"),
+    ],
+)
+def test_bad_trackers_name_the_key(base_yaml, override, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load_config(base_yaml, [override])
+    assert caught.value.key == override.partition("=")[0]
+    assert fragment in caught.value.problem
 
 
 def test_task_section_without_name_means_classification(tmp_path):

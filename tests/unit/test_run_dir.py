@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import yaml
@@ -81,6 +82,28 @@ def test_resuming_its_own_run_trims_what_came_after_the_step(tmp_path):
     assert not (path / CHECKPOINTS_DIR / ".tmp-step-12").exists()
     lines = (path / "layer_stats.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+def test_tracker_files_belong_to_the_run(tmp_path):
+    path = tmp_path / "run"
+    checkpoint_at(path, 4)
+    (path / "wandb" / "offline-run-1").mkdir(parents=True)
+    (path / "mlflow.db").write_text("store")
+    (path / "config.yaml").write_text(config(path).to_yaml())
+    resumed = RunDir(config(path, resume="auto"), is_main=True)
+    info = resumed.resolve_start()
+    resumed.start(info, step=info.step)
+    assert (path / "wandb" / "offline-run-1").is_dir()  # a resumed run keeps its trackers' runs
+    assert (path / "mlflow.db").read_text() == "store"
+
+    (path / "config.yaml").unlink()
+    shutil.rmtree(path / CHECKPOINTS_DIR)
+    with pytest.raises(ConfigError, match=r"holds outputs \(wandb, mlflow.db\)"):
+        RunDir(config(path, resume="auto"), is_main=True).resolve_start()
+    overwrite = Config.model_validate({"run": {"output_dir": str(path), "overwrite": True}})
+    replaced = RunDir(overwrite, is_main=True)
+    replaced.start(replaced.resolve_start(), step=0)
+    assert not (path / "wandb").exists() and not (path / "mlflow.db").exists()
 
 
 def test_only_the_main_process_writes(tmp_path):

@@ -51,7 +51,8 @@ OPERATIONAL_KEYS = frozenset(
         "run.overwrite",
         "run.eval_every",
         "run.log_every",
-        "run.tensorboard",
+        "run.trackers",
+        "run.tensorboard",  # retired by run.trackers; still in the configs of older checkpoints
         "run.progress_bar",
         "run.max_nonfinite_steps",
         "batch.micro_batch_size",
