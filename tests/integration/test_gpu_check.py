@@ -15,7 +15,8 @@ import sys
 import pytest
 from launching import REPO_ROOT, trainer_env
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+# The dry run starts six trainer processes (~80 s here): `pytest -m long` runs it.
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.long]
 
 OPTIMIZERS = ("tvlars", "tvlars_official", "lars", "lamb")
 # torch._foreach_mul_ on CPU bf16 tensors rounds its Python scalar to bf16 (beta1 = 0.9 becomes

@@ -229,7 +229,10 @@ def reference(workspace):
     return get
 
 
-@pytest.mark.parametrize("setting", [SINGLE, DDP, ZERO2], ids=lambda s: s.name)
+# DDP (~100 s) sits between the one-process and ZeRO-2 cases: `pytest -m long` runs it.
+@pytest.mark.parametrize(
+    "setting", [SINGLE, pytest.param(DDP, marks=pytest.mark.long), ZERO2], ids=lambda s: s.name
+)
 def test_killed_and_preempted_runs_resume_bitwise(setting, reference, workspace):
     _, reference_dir = reference(setting)
     # Checkpoints of consecutive steps differ: the bitwise comparisons below can fail.

@@ -91,6 +91,7 @@ def test_quick_start_two_processes_zero2(zero2_quick_start):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.long  # ~60 s; `pytest -m long`
 def test_two_nodes_on_one_machine_match_one_node(zero2_quick_start, tmp_path):
     run_dir = tmp_path / "run"
     port = str(free_port())
