@@ -49,7 +49,7 @@ from tvlars_scale.checkpoint import (
 )
 from tvlars_scale.checkpoint.policy import CONFIG_FILE
 from tvlars_scale.config import Config, ConfigError
-from tvlars_scale.export import export_checkpoint
+from tvlars_scale.export import EXPORT_DIR, export_checkpoint
 from tvlars_scale.telemetry import LAYER_STATS_FILE
 
 __all__ = [
@@ -71,7 +71,6 @@ WANDB_DIR = "wandb"  # wandb.init(dir=output_dir) writes its files here
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
 OWNER_FILE = ".owner"
-EXPORT_DIR = "export"
 RUN_FILES = (
     CONFIG_FILE,
     METRICS_FILE,

@@ -45,6 +45,7 @@ from tvlars_scale.checkpoint.layer_state import (
     restore_layer_state,
     unsharded_layout,
 )
+from tvlars_scale.checkpoint.policy import CONFIG_FILE
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout
@@ -53,7 +54,6 @@ __all__ = ["CheckpointRestoreError", "Checkpointer"]
 
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
-CONFIG_FILE = "config.yaml"
 
 
 class CheckpointRestoreError(ConfigError):

@@ -172,16 +172,7 @@ class LayerwiseOptimizer(Optimizer):
             for chunk in bucket.chunks(chunk_numel):
                 w, g, states = self._tensors(bucket, chunk)
                 out = self._scratch(bucket, chunk, w)
-                d, x = self._direction(
-                    w,
-                    g,
-                    states,
-                    group=bucket.group,
-                    ops=ops,
-                    weight_decay=self._decay(bucket),
-                    step=step,
-                    out=out,
-                )
+                d, x = self._bucket_direction(bucket, w, g, states, ops=ops, step=step, out=out)
                 weight_norm, update_norm = layer_norms(
                     _piece_squares(w, x, ops=ops), None, num_layers=len(w), process_group=None
                 )
@@ -200,16 +191,7 @@ class LayerwiseOptimizer(Optimizer):
                 w, g, states = self._tensors(bucket, chunk)
                 # Every direction must outlive the reduction: fresh tensors, not the scratch.
                 out = [torch.empty_like(t) for t in w]
-                d, x = self._direction(
-                    w,
-                    g,
-                    states,
-                    group=bucket.group,
-                    ops=ops,
-                    weight_decay=self._decay(bucket),
-                    step=step,
-                    out=out,
-                )
+                d, x = self._bucket_direction(bucket, w, g, states, ops=ops, step=step, out=out)
                 piece_squares.append(_piece_squares(w, x, ops=ops))
                 pending.append((bucket, chunk, step, w, d, states))
         # A rank may hold only padding of this (sub-)group: no pieces, zeros for every layer.
@@ -263,9 +245,12 @@ class LayerwiseOptimizer(Optimizer):
         states = {k: bucket.views([self.state[p][k] for p in params], chunk) for k in self._buffers}
         return bucket.views(params, chunk), bucket.views([p.grad for p in params], chunk), states
 
-    @staticmethod
-    def _decay(bucket: _Bucket) -> float:
-        return bucket.group["weight_decay"] if bucket.decayed else 0.0
+    def _bucket_direction(self, bucket: _Bucket, w, g, states, *, ops, step, out):
+        """:meth:`_direction` with the bucket's group and weight decay (none when not decayed)."""
+        weight_decay = bucket.group["weight_decay"] if bucket.decayed else 0.0
+        return self._direction(
+            w, g, states, group=bucket.group, ops=ops, weight_decay=weight_decay, step=step, out=out
+        )
 
     def _finish(self, bucket, w, d, states, weight_norm, update_norm, *, ops, step, norms) -> None:
         if bucket.adapted:
