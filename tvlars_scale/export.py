@@ -59,8 +59,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import re
 import shutil
 import sys
 import tempfile
@@ -80,6 +78,9 @@ from tvlars_scale.checkpoint.directory import (
     MANIFEST,
     complete_checkpoints,
     fsync_path,
+    is_temporary,
+    replace_directory,
+    step_of_name,
     write_durably,
 )
 from tvlars_scale.config import Config, ConfigError, load_config
@@ -107,7 +108,6 @@ FORMAT = "tvlars_scale.export/1"
 EXPORT_FILES = frozenset({WEIGHTS_FILE, META_FILE, HUB_CONFIG_FILE})
 # Recompute the synthetic dataset's statistics only up to this many uint8 training bytes.
 SYNTHETIC_STATS_MAX_BYTES = 64 << 20
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _EXPORTABLE_TASKS = ("classification", "barlow_twins")
 
 
@@ -131,7 +131,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         root = path / CHECKPOINTS_DIR
     elif path.name == CHECKPOINTS_DIR:
         root = path
-    elif _STEP_DIR.match(path.name) or (path / MODEL_FILE).exists():
+    elif step_of_name(path.name) is not None or (path / MODEL_FILE).exists():
         return path
     else:
         raise ExportError(
@@ -147,7 +147,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _refuse_temporary(path: Path) -> None:
-    if path.name.startswith((".tmp-", ".trash-")):
+    if is_temporary(path.name):
         raise ExportError(f"{path} is a temporary checkpoint (torn by a crash or being written)")
 
 
@@ -208,8 +208,7 @@ def _load_run_config(path: Path) -> Config:
 def _step_of(checkpoint: Path, manifest: dict | None) -> int | None:
     if manifest is not None and isinstance(manifest.get("step"), int):
         return manifest["step"]
-    match = _STEP_DIR.match(checkpoint.name)
-    return int(match.group(1)) if match else None
+    return step_of_name(checkpoint.name)
 
 
 # --- what the weights are ------------------------------------------------------------------------
@@ -455,7 +454,6 @@ def _publish(
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=parent))
-    trash = None
     try:
         weights = staging / WEIGHTS_FILE
         header = {"format": "pt", "model": meta["model"], "tvlars_scale": FORMAT}
@@ -465,20 +463,10 @@ def _publish(
         for name, content in files.items():
             write_durably(staging / name, (json.dumps(content, indent=2) + "\n").encode())
         fsync_path(staging)
-        if out_dir.exists():
-            # A crash between the two renames leaves both exports whole under other names.
-            trash = Path(tempfile.mkdtemp(prefix=f".trash-{out_dir.name}-", dir=parent))
-            os.rename(out_dir, trash / out_dir.name)
-        os.rename(staging, out_dir)
-        fsync_path(parent)
+        replace_directory(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None and not out_dir.exists():
-            os.rename(trash / out_dir.name, out_dir)  # put the earlier export back
         raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
     return [out_dir / WEIGHTS_FILE, *(out_dir / name for name in files)]
 
 

@@ -47,12 +47,15 @@ __all__ = [
     "complete_checkpoints",
     "find_latest_complete",
     "fsync_path",
+    "is_temporary",
     "load_file",
     "prune",
     "rank_file",
     "read_manifest",
     "remove_leftovers",
+    "replace_directory",
     "save_checkpoint",
+    "step_of_name",
     "write_durably",
 ]
 
@@ -167,18 +170,41 @@ def _publish(staging: Path, final: Path, step: int, world_size: int, metadata: d
     }
     write_durably(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     fsync_path(staging)
+    # The same step may have been saved before (the end-of-training save after a periodic one).
+    replace_directory(staging, final)
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Rename the complete, fsynced ``staging`` directory to ``final``, replacing an earlier ``final``.
+
+    The earlier copy is renamed aside first and deleted last: a crash between the two renames
+    leaves no ``final``, but both copies complete under other names (``.trash-`` is swept by
+    :func:`remove_leftovers`); a failed second rename puts the earlier copy back.
+    """
     if final.exists():
-        # The same step saved before (the end-of-training save after a periodic one): swap the new
-        # copy in. A crash between the two renames leaves no step-N, but both copies are complete
-        # under other names and the older checkpoints are untouched.
         trash = final.with_name(f"{_TRASH_PREFIX}{final.name}")
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(final, trash)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except BaseException:
+            os.rename(trash, final)
+            raise
         shutil.rmtree(trash)
     else:
         os.rename(staging, final)
     fsync_path(final.parent)
+
+
+def step_of_name(name: str) -> int | None:
+    """The step a ``step-N`` directory name stands for, or ``None`` for any other name."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a directory being written or deleted (torn if a crash left it)."""
+    return name.startswith((_TMP_PREFIX, _TRASH_PREFIX))
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -247,7 +273,7 @@ def remove_leftovers(checkpoints_dir: str | Path) -> list[Path]:
         return []
     removed = []
     for path in root.iterdir():
-        if path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+        if is_temporary(path.name):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed
