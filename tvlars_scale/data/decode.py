@@ -118,8 +118,10 @@ def _decode_rgb(data: bytes, min_size: tuple[int, int]) -> np.ndarray:
     if _is_turbo_jpeg(data) is not None:
         try:
             return simplejpeg.decode_jpeg(data, "RGB", min_height=min_h, min_width=min_w)
-        except ValueError as error:  # truncated or corrupt
-            raise BadImageError(f"JPEG decode failed: {error}") from None
+        except ValueError:
+            # TurboJPEG fails on any libjpeg warning, also harmless ones ImageNet has ("extraneous
+            # bytes before marker"): PIL decides, and raises for a truly truncated file.
+            pass
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format == "JPEG":
