@@ -138,7 +138,7 @@ def test_bad_image_policy_error_names_the_file_skip_replaces_and_counts(tmp_path
     victim = root / "train" / "n0003" / "img_0.JPEG"
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # truncated
     data = open_streaming("imagenet", str(root), SIDE)
-    with pytest.raises(DataError, match="n0003/img_0.JPEG"):
+    with pytest.raises(DataError, match=r"n0003/img_0\.JPEG"):
         list(loader(data.train, micro=8, workers=1, shuffle=False))
     skipping = loader(data.train, micro=8, workers=1, shuffle=False, bad_images="skip")
     [(images, labels)] = list(skipping)
@@ -206,9 +206,9 @@ def test_missing_root_or_split_is_one_config_line_exit_2_nothing_written(tmp_pat
 
 
 def test_streaming_keys_are_refused_where_they_would_be_ignored(tmp_path):
-    with pytest.raises(ConfigError, match="data.num_workers"):
+    with pytest.raises(ConfigError, match=r"data\.num_workers"):
         load_config(write_config(tmp_path / "a.yaml", tmp_path, {"name": "cifar10"}))
-    with pytest.raises(ConfigError, match="data.crop_padding"):
+    with pytest.raises(ConfigError, match=r"data\.crop_padding"):
         load_config(write_config(tmp_path / "b.yaml", tmp_path, {"crop_padding": 2}))
     # A resolved config (every key written, defaults included) loads back.
     config = load_config(write_config(tmp_path / "c.yaml", tmp_path, {}))
