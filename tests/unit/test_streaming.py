@@ -96,6 +96,10 @@ def test_resume_mid_epoch_with_two_workers_gives_the_same_batches_bitwise(one_pe
     assert len(rest) == len(expected) - 3
     for (xa, ya), (xb, yb) in zip(expected[3:], rest, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # The global torch RNG (dropout, a resumed run's restored state) is not touched by iterating.
+    before = torch.get_rng_state()
+    list(loader(data.train, micro=4, workers=1))
+    assert torch.equal(torch.get_rng_state(), before)
     # Another epoch draws other crops (the epoch is part of each sample's seed).
     other = loader(data.train, micro=4, workers=0, seed=5)
     assert not torch.equal(next(iter(other))[0], expected[0][0])

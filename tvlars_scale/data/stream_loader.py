@@ -182,6 +182,10 @@ class StreamingLoader(EpochShards):
             num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers else None,
             pin_memory=self.device.type == "cuda",
+            # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from
+            # the global torch RNG, and a resumed run (one more iterator) would drift from the
+            # uninterrupted one. The seed is unused: augmentation is seeded per sample.
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
         )
         return iter(loader)
 
