@@ -198,6 +198,13 @@ def main() -> None:
         "ours_images_per_s": round(medians["ours"], 1),
         "torchvision_images_per_s": round(medians["torchvision"], 1),
         "ratio": round(ratio, 3),
+        # Per round a / b, then the median: robust to load that drifts between rounds.
+        "ratio_paired_median": round(
+            statistics.median(
+                a / b for a, b in zip(rates["ours"], rates["torchvision"], strict=True)
+            ),
+            3,
+        ),
         "rss_mib": rss,
         "rss_ratio_10x_rank": round(rank_ratio, 3),
         "rss_ratio_10x_workers": round(worker_ratio, 3),
