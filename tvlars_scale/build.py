@@ -24,8 +24,18 @@ from accelerate import Accelerator
 from torch import nn
 
 from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
-from tvlars_scale.config import Config, ConfigError, OptimConfig, ScheduleConfig
-from tvlars_scale.data import DataError, ImageData, MicroBatchLoader, load_image_data
+from tvlars_scale.config import Config, ConfigError, DataConfig, OptimConfig, ScheduleConfig
+from tvlars_scale.data import (
+    DATASETS,
+    DataError,
+    ImageData,
+    MicroBatchLoader,
+    StreamingData,
+    StreamingLoader,
+    Transform,
+    load_image_data,
+    open_streaming,
+)
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
 from tvlars_scale.tasks import Task
@@ -52,10 +62,15 @@ def batch_plan(config: Config, world_size: int) -> BatchPlan:
     return plan_batches(config.batch.global_batch_size, config.batch.micro_batch_size, world_size)
 
 
-def image_data(config: Config) -> ImageData:
-    """The dataset named by ``data``, decoded once into uint8 tensors."""
+def image_data(config: Config) -> ImageData | StreamingData:
+    """The dataset named by ``data``: decoded once into uint8 tensors, or opened for streaming
+    (labels and file index only; ``data.storage``)."""
     data = config.data
     try:
+        if data.streams():
+            info = DATASETS[data.name]
+            source = data.path or info.hub_id
+            return open_streaming(data.name, source, data.image_size or info.image_size)
         return load_image_data(
             data.name,
             path=data.path,
@@ -68,24 +83,33 @@ def image_data(config: Config) -> ImageData:
 
 
 def loaders(
-    data: ImageData, plan: BatchPlan, accelerator: Accelerator, seed: int
-) -> tuple[MicroBatchLoader, MicroBatchLoader]:
-    """This rank's shuffled training micro-batches (whole steps only) and its evaluation shard."""
+    data: ImageData | StreamingData,
+    plan: BatchPlan,
+    accelerator: Accelerator,
+    seed: int,
+    data_config: DataConfig | None = None,
+) -> tuple[MicroBatchLoader | StreamingLoader, MicroBatchLoader | StreamingLoader]:
+    """This rank's shuffled training micro-batches (whole steps only) and its evaluation shard.
+
+    Streaming data (``data_config`` then sets the workers, crops and bad-image policy) is read
+    from disk by worker processes; in-memory data is gathered from tensors.
+    """
     if len(data.train_labels) < plan.global_batch_size:
         raise ConfigError(
             "batch.global_batch_size",
             f"{plan.global_batch_size} is larger than the {data.name} training set "
             f"({len(data.train_labels)} samples): not one optimizer step per epoch",
         )
+    device, rank = accelerator.device, accelerator.process_index
+    split = (plan.micro_batch_size, rank, plan.world_size)
+    if isinstance(data, StreamingData):
+        return _streaming_loaders(data, plan, device, rank, seed, data_config or DataConfig())
     # The decoded dataset lives on the training device: micro-batches are then gathered there,
     # with no host-to-device copy per step (a no-op on the CPU).
-    device, rank = accelerator.device, accelerator.process_index
     train = MicroBatchLoader(
         data.train_images.to(device),
         data.train_labels.to(device),
-        plan.micro_batch_size,
-        rank,
-        plan.world_size,
+        *split,
         shuffle=True,
         seed=seed,
         drop_last=True,
@@ -94,11 +118,46 @@ def loaders(
     evaluation = MicroBatchLoader(
         data.test_images.to(device),
         data.test_labels.to(device),
-        plan.micro_batch_size,
-        rank,
-        plan.world_size,
+        *split,
         shuffle=False,
         drop_last=False,
+    )
+    return train, evaluation
+
+
+def _streaming_loaders(
+    data: StreamingData,
+    plan: BatchPlan,
+    device: torch.device,
+    rank: int,
+    seed: int,
+    cfg: DataConfig,
+) -> tuple[StreamingLoader, StreamingLoader]:
+    workers = {
+        "num_workers": cfg.num_workers,
+        "prefetch_factor": cfg.prefetch_factor,
+        "bad_images": cfg.bad_images,
+        "device": device,
+    }
+    # The augmentation seed is the run seed, NOT seed + rank: a sample's crop is a function of
+    # (seed, epoch, index), the same whichever rank decodes it.
+    train_transform = Transform(
+        data.image_size, train=True, seed=seed, crop_scale=tuple(cfg.crop_scale), flip=cfg.flip
+    )
+    eval_transform = Transform(data.image_size, train=False, eval_resize=cfg.eval_resize)
+    split = (plan.micro_batch_size, rank, plan.world_size)
+    train = StreamingLoader(
+        data.train,
+        train_transform,
+        *split,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        grad_accum_steps=plan.grad_accum_steps,
+        **workers,
+    )
+    evaluation = StreamingLoader(
+        data.test, eval_transform, *split, shuffle=False, drop_last=False, **workers
     )
     return train, evaluation
 
@@ -154,12 +213,30 @@ def lr_schedule(
             min_ratio=schedule.min_lr_ratio,
         )
     elif schedule.name == "poly":
-        multiplier = partial(
-            schedules.polynomial_decay,
-            total_steps=total_steps,
-            power=schedule.power,
-            min_ratio=schedule.min_lr_ratio,
+        multiplier = _warmup_poly(
+            total_steps,
+            epochs_to_steps(schedule.warmup_epochs, steps_per_epoch),
+            schedule.power,
+            schedule.min_lr_ratio,
         )
     else:  # constant: TVLARS' phi_t is its schedule
         return lambda step: lr
     return lambda step: lr * multiplier(step)
+
+
+def _warmup_poly(
+    total_steps: int, warmup_steps: int, power: float, min_ratio: float
+) -> Callable[[int], float]:
+    """Linear warm-up (``(t + 1) / W``, as warmup_cosine's) then polynomial decay over the steps
+    left; with ``W = 0`` exactly :func:`schedules.polynomial_decay`."""
+    decay = partial(
+        schedules.polynomial_decay,
+        total_steps=total_steps - warmup_steps,
+        power=power,
+        min_ratio=min_ratio,
+    )
+    if warmup_steps == 0:
+        return decay
+    return lambda step: (
+        (step + 1) / warmup_steps if step < warmup_steps else decay(step - warmup_steps)
+    )

@@ -109,19 +109,52 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "cifar10", "tiny-imagenet", "synthetic"] = "digits"
-    """Dataset: digits (scikit-learn's bundled 8x8 digits, no download), cifar10, tiny-imagenet
-    (Hugging Face datasets, hub id or local path) or synthetic (random images, for benchmarks)."""
+    name: Literal["digits", "cifar10", "tiny-imagenet", "imagenet", "synthetic"] = "digits"
+    """Dataset: digits (scikit-learn's bundled 8x8 digits, no download), cifar10, tiny-imagenet,
+    imagenet (ImageNet-1k: Hugging Face datasets or an image-folder tree, hub id or local path) or
+    synthetic (random images, for benchmarks)."""
     path: str | None = None
-    """Hugging Face hub id or local directory (cifar10, tiny-imagenet); null: the default hub id."""
+    """Hugging Face hub id or local directory (cifar10, tiny-imagenet, imagenet); null: the default
+    hub id. Streaming also reads an image-folder tree ROOT/train/<class>/* + ROOT/val/<class>/*
+    (or validation / valid / test), a save_to_disk directory or a folder of Parquet files."""
+    storage: Literal["auto", "memory", "stream"] = "auto"
+    """memory: decode the whole dataset once into uint8 tensors (small data); stream: read and
+    decode each sample from disk in DataLoader workers (data larger than memory); auto: stream for
+    imagenet, memory for the others (digits and synthetic are always in memory)."""
     num_synthetic: int = Field(4096, ge=1)
     """Number of training images of the synthetic dataset."""
     image_size: int | None = Field(None, ge=1)
-    """Image side in pixels for synthetic data; null: the dataset's native size."""
+    """Image side in pixels (in memory: resize to it; streaming: the side of the training and
+    evaluation crops); null: the dataset's native size (224 for imagenet)."""
     crop_padding: int = Field(4, ge=0)
-    """Training augmentation: zero-pad by this many pixels, then random-crop back (0: no crop)."""
+    """Training augmentation in memory: zero-pad by this many pixels, then random-crop back (0: no
+    crop). Streaming uses a random-resized crop instead (data.crop_scale)."""
     flip: bool = True
     """Training augmentation: random horizontal flip (switch off for digits)."""
+    crop_scale: list[float] = Field(default_factory=lambda: [0.08, 1.0], min_length=2, max_length=2)
+    """Streaming: area range of the random-resized crop, as a fraction of the image (aspect ratio
+    3/4..4/3, as torchvision's RandomResizedCrop)."""
+    eval_resize: int | None = Field(None, ge=1)
+    """Streaming evaluation: resize the shorter side to this, then centre-crop image_size; null:
+    image_size / 0.875 (256 for 224)."""
+    num_workers: int = Field(8, ge=0)
+    """Streaming: DataLoader worker processes per rank that read and decode images (0: in the
+    training process)."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Streaming: micro batches each worker decodes ahead."""
+    bad_images: Literal["error", "skip"] = "error"
+    """Streaming: a truncated or unreadable image stops the run with an error naming the file
+    (error), or is replaced by the next readable sample of the dataset and counted (skip)."""
+
+    def streams(self) -> bool:
+        """Whether this dataset is read from disk while training (data.storage resolved)."""
+        if self.storage == "auto":
+            return self.name == "imagenet"
+        return self.storage == "stream"
+
+
+STREAMING_KEYS = ("crop_scale", "eval_resize", "num_workers", "prefetch_factor", "bad_images")
+"""DataConfig keys that only the streaming path reads."""
 
 
 class ModelConfig(_Section):
@@ -241,7 +274,11 @@ class WarmupCosineScheduleConfig(_Section):
 
 class PolyScheduleConfig(_Section):
     name: Literal["poly"] = "poly"
-    """Polynomial decay from the peak: lr_min + (lr - lr_min) (1 - t / T)^power."""
+    """Polynomial decay from the peak: lr_min + (lr - lr_min) (1 - t / T)^power; with a warm-up
+    of W steps, linear from 0 to the peak first and t / T counted from W (MLPerf's ResNet-50)."""
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warm-up length in epochs, converted to optimizer steps (0: no warm-up, decay from
+    step 0 as without this key)."""
     power: float = Field(2.0, gt=0)
     """Exponent of the decay."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -480,6 +517,7 @@ def _check_consistency(config: Config) -> None:
             f"{batch.global_batch_size} is not a multiple of batch.micro_batch_size "
             f"({batch.micro_batch_size})",
         )
+    _check_data(config)
     trackers = config.run.trackers
     for tracker in trackers:
         if trackers.count(tracker) > 1:
@@ -489,6 +527,38 @@ def _check_consistency(config: Config) -> None:
             close = difflib.get_close_matches(key, _known_keys(), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError("checkpoint.allow_changes", f"unknown key {key!r}{hint}")
+
+
+def _differs_from_default(section: _Section, key: str) -> bool:
+    # By value, not by "was it written": a resolved config.yaml (every key written) loads back.
+    return getattr(section, key) != type(section).model_fields[key].get_default(
+        call_default_factory=True
+    )
+
+
+def _check_data(config: Config) -> None:
+    """A streaming-only key with in-memory data, or the reverse, would be silently ignored."""
+    data = config.data
+    if data.streams():
+        if data.name in ("digits", "synthetic"):
+            raise ConfigError("data.storage", f"{data.name} has no files to stream; use memory")
+        if _differs_from_default(data, "crop_padding"):
+            raise ConfigError(
+                "data.crop_padding", "in-memory augmentation; streaming uses data.crop_scale"
+            )
+        if config.task.name != "classification":
+            raise ConfigError(
+                "data.storage", f"task {config.task.name} needs in-memory data (storage: memory)"
+            )
+        low, high = data.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(
+                "data.crop_scale", f"needs 0 < low <= high <= 1 (got {data.crop_scale})"
+            )
+        return
+    for key in STREAMING_KEYS:
+        if _differs_from_default(data, key):
+            raise ConfigError(f"data.{key}", "is read by streaming only (data.storage: stream)")
 
 
 def _switch_variants(raw: dict, overrides: list[str] | tuple[str, ...]) -> None:

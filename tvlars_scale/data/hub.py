@@ -26,7 +26,7 @@ def load_hub_images(
 
     Returns ``(train_images, train_labels, test_images, test_labels, num_classes)``.
     """
-    splits = _open(name, source)
+    splits = open_splits(name, source)
     if "train" not in splits:
         raise DataError(f"{name}: '{source}' has no 'train' split (splits: {', '.join(splits)})")
     test_split = next((s for s in TEST_SPLITS if s in splits), None)
@@ -36,7 +36,7 @@ def load_hub_images(
             f"(splits: {', '.join(splits)})"
         )
     train, test = splits["train"], splits[test_split]
-    image_column, label_column = _columns(name, source, train)
+    image_column, label_column = image_label_columns(name, source, train)
     mode = "RGB" if in_chans == 3 else "L"
     train_x, train_y = _decode(train, image_column, label_column, mode, side)
     test_x, test_y = _decode(test, image_column, label_column, mode, side)
@@ -48,7 +48,7 @@ def load_hub_images(
     return train_x, train_y, test_x, test_y, num_classes
 
 
-def _open(name: str, source: str) -> datasets.DatasetDict:
+def open_splits(name: str, source: str) -> datasets.DatasetDict:
     """Open a saved dataset directory, a local folder or a hub id; DataError if none works."""
     is_local = os.path.isdir(source)
     if not is_local and source.startswith((os.sep, ".", "~")):
@@ -72,7 +72,7 @@ def _open(name: str, source: str) -> datasets.DatasetDict:
     return splits
 
 
-def _columns(name: str, source: str, split: datasets.Dataset) -> tuple[str, str]:
+def image_label_columns(name: str, source: str, split: datasets.Dataset) -> tuple[str, str]:
     """The image column (an Image feature) and the label column (a ClassLabel, else 'label')."""
     features = split.features
     image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)

@@ -1,4 +1,4 @@
-"""Rank-sharded micro batches of in-memory tensors, resumable to the exact micro batch."""
+"""Rank-sharded micro batches, resumable to the exact micro batch: the index logic and in memory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 PAD_LABEL = -100
 
 
-class MicroBatchLoader:
-    """Iterate ``(images, labels)`` micro batches of this rank's share of one epoch.
+class EpochShards:
+    """Which samples each rank takes in each micro batch of each epoch, and where an epoch stands.
 
     Every epoch draws ONE permutation of the dataset (seeded by ``seed + epoch``, the same on every
     rank) and cuts it into *global micro batches* of ``micro_batch_size * world_size`` samples;
@@ -27,15 +27,15 @@ class MicroBatchLoader:
     ``drop_last=False`` (evaluation) pads the last global micro batch with wrapped-around samples
     labelled :data:`PAD_LABEL`, so every rank still has equal, full micro batches.
 
-    The images may live on any device (put a small dataset on the GPU once to skip copies); the
-    batches come out on that device. Position in the epoch is counted in micro batches handed
-    out, so a checkpoint taken after training on a batch resumes with the next one.
+    Position in the epoch is counted in micro batches handed out, so a checkpoint taken after
+    training on a batch resumes with the next one. Subclasses say what a sample index yields:
+    :class:`MicroBatchLoader` (tensors in memory) and
+    :class:`~tvlars_scale.data.stream_loader.StreamingLoader` (files decoded in worker processes).
     """
 
     def __init__(
         self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        num_samples: int,
         micro_batch_size: int,
         rank: int,
         world_size: int,
@@ -44,8 +44,6 @@ class MicroBatchLoader:
         drop_last: bool = True,
         grad_accum_steps: int = 1,
     ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if micro_batch_size < 1 or grad_accum_steps < 1 or world_size < 1:
             raise ValueError(
                 "micro_batch_size, grad_accum_steps and world_size must be >= 1, got "
@@ -53,15 +51,13 @@ class MicroBatchLoader:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if images.device != labels.device:
-            raise ValueError(f"images on {images.device} but labels on {labels.device}")
-        self.images, self.labels = images, labels
+        self._num_samples = num_samples
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.grad_accum_steps = grad_accum_steps
         if drop_last and len(self) == 0:
             raise ValueError(
-                f"{len(images)} samples do not fill one optimizer step of "
+                f"{num_samples} samples do not fill one optimizer step of "
                 f"{self.global_micro_batch_size * grad_accum_steps} "
                 f"({micro_batch_size} micro x {grad_accum_steps} accumulation x {world_size} ranks)"
             )
@@ -70,7 +66,7 @@ class MicroBatchLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.labels)
+        return self._num_samples
 
     @property
     def global_micro_batch_size(self) -> int:
@@ -147,10 +143,50 @@ class MicroBatchLoader:
         shape = (len(self), self.world_size, self.micro_batch_size)
         return order.view(shape), is_padding.view(shape)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def rank_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's sample indices and padding mask of the epoch, ``[len(self), micro]``."""
         order, is_padding = self.epoch_order()
-        mine = order[:, self.rank].to(self.images.device)
-        mine_padding = is_padding[:, self.rank].to(self.images.device)
+        return order[:, self.rank], is_padding[:, self.rank]
+
+
+class MicroBatchLoader(EpochShards):
+    """Iterate ``(images, labels)`` micro batches of this rank's share of one epoch, in memory.
+
+    The sharding, padding and resume rules are :class:`EpochShards`'. The images may live on any
+    device (put a small dataset on the GPU once to skip copies); the batches come out on that
+    device.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        grad_accum_steps: int = 1,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if images.device != labels.device:
+            raise ValueError(f"images on {images.device} but labels on {labels.device}")
+        self.images, self.labels = images, labels
+        super().__init__(
+            len(labels),
+            micro_batch_size,
+            rank,
+            world_size,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            grad_accum_steps=grad_accum_steps,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        mine, mine_padding = (t.to(self.images.device) for t in self.rank_order())
         while self.position < len(self):
             index = self.position
             # Counted before the yield: the caller holds the batch, so it is consumed.

@@ -19,6 +19,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "tiny-imagenet": DatasetInfo(
         num_classes=200, image_size=64, in_chans=3, hub_id="zh-plus/tiny-imagenet"
     ),
+    # ImageNet-1k: streamed from disk (tvlars_scale.data.streaming); 224 is the training crop.
+    "imagenet": DatasetInfo(
+        num_classes=1000, image_size=224, in_chans=3, hub_id="ILSVRC/imagenet-1k"
+    ),
     "synthetic": DatasetInfo(num_classes=10, image_size=32, in_chans=3),
 }
 

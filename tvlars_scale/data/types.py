@@ -47,6 +47,8 @@ class ImageData:
     std: tuple[float, ...]
     """Per-channel standard deviation of the training images on the 0..1 scale."""
     name: str
+    augmented_in_loader: bool = False
+    """True when the loader already cropped and flipped (streaming); the task then only normalises."""
 
     @property
     def in_chans(self) -> int:

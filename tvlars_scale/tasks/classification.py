@@ -20,11 +20,13 @@ class ClassificationTask(Task):
     def __init__(self, config: Config, data: ImageData, rank: int):
         self.config = config
         self.data = data
+        # Streamed data arrives cropped and flipped by the loader: only normalise it here.
+        on_device = not data.augmented_in_loader
         self.train_augment = BatchAugment(
             data.mean,
             data.std,
-            crop_padding=config.data.crop_padding,
-            flip=config.data.flip,
+            crop_padding=config.data.crop_padding if on_device else 0,
+            flip=config.data.flip and on_device,
             seed=config.run.seed + rank,
         )
         self.eval_transform = BatchAugment(data.mean, data.std, train=False)
