@@ -12,7 +12,8 @@ parameter groups), interleaved step by step:
   lazy partial sum that DTensor all-reduces when the trust ratio uses it.
 
 Each ``step()`` is timed (the slower rank's time per step) and the collectives inside it counted by
-``CommDebugMode`` (torch.distributed's and DTensor's functional ones alike).
+``CommDebugMode`` (torch.distributed's and DTensor's functional ones alike); after the first step the
+two TVLARS implementations' parameters are compared (they must agree to float rounding).
 """
 
 from __future__ import annotations
@@ -108,15 +109,23 @@ def run(args, template, images, labels) -> dict:
     relative difference between the two TVLARS implementations (both step the same batches)."""
     runs = {m: build(args.model, m, template.state_dict()) for m in METHODS}
     samples = {m: [] for m in METHODS}
+    worst = None
     for step in range(args.warmup_steps + args.steps):
         for method in METHODS:  # interleaved: the same machine state for all
             sample = train_step(*runs[method], images, labels)
             if step >= args.warmup_steps:
                 samples[method].append(sample)
+        if worst is None:
+            # After the first step (later ones amplify rounding: resnet18 at LR 1 on noise is
+            # chaotic), the two TVLARS implementations must agree to float rounding.
+            worst = max_relative_difference(runs["tvlars"][0], runs["tvlars_dtensor"][0])
+    return {"samples": samples, "tvlars_vs_dtensor": worst, "rank": dist.get_rank()}
+
+
+def max_relative_difference(model_a, model_b) -> float:
     worst = 0.0
-    ours, theirs = runs["tvlars"][0], runs["tvlars_dtensor"][0]
-    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-        # collective: two all-gathers per parameter, once at the end
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        # collective: two all-gathers per parameter, outside the timed steps
         full_a, full_b = a.detach().full_tensor(), b.detach().full_tensor()
         worst = max(worst, float((full_a - full_b).norm() / full_b.norm().clamp_min(1e-30)))
-    return {"samples": samples, "tvlars_vs_dtensor": worst, "rank": dist.get_rank()}
+    return worst
