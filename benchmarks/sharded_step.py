@@ -269,7 +269,7 @@ def report_fsdp2(gathered: list[dict], num_layers: int, print) -> dict:
         f"{collectives['tvlars_dtensor']:>10}"
     )
     worst = max(g["tvlars_vs_dtensor"] for g in gathered)
-    print(f"TVLARS (bound) vs per-parameter DTensor TVLARS after all steps: {worst:.1e} relative")
+    print(f"TVLARS (bound) vs per-parameter DTensor TVLARS after one step: {worst:.1e} relative")
     return {
         "fsdp2_dtensor_baseline": "TVLARS update with torch.linalg.vector_norm per DTensor parameter",
         "fsdp2_sgd_step_ms": round(step_ms["sgd"], 2),

@@ -23,6 +23,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 from zero_worker import count_collectives
 
 from tvlars_scale.checkpoint.layer_state import capture_layer_state, restore_layer_state
+from tvlars_scale.nonfinite import gradients_are_finite
 from tvlars_scale.optim import bind_fsdp, build_optimizer
 from tvlars_scale.optim.fsdp_layout import fsdp_layout
 
@@ -167,6 +168,13 @@ def failures(mesh: DeviceMesh, num_ranks: int) -> dict[str, str]:
         outcomes["unbound"] = "no error"
     except RuntimeError as error:
         outcomes["unbound"] = str(error)
+    # The trainer's NaN/Inf check on sharded gradients: one rank's NaN stops every rank's step.
+    outcomes["finite"] = gradients_are_finite(model.parameters())
+    if rank == num_ranks - 1:
+        model.conv2.weight.grad._local_tensor.view(-1)[0] = float(
+            "nan"
+        )  # 8 rows: every rank has some
+    outcomes["nan_on_last_rank"] = gradients_are_finite(model.parameters())
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
         bind_fsdp(sgd, model)

@@ -114,6 +114,7 @@ def test_unbound_optimizer_refuses_sharded_dtensors(ranks, mesh):
         assert "bind_fsdp" in outcomes["unbound"]
         assert outcomes["sgd"].startswith("TypeError: bind_fsdp: the optimizer SGD")
         assert "is not a sharded DTensor" in outcomes["plain"]
+        assert outcomes["finite"] is True and outcomes["nan_on_last_rank"] is False
 
 
 @pytest.mark.parametrize("mesh", MESHES)

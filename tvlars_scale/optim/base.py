@@ -54,6 +54,7 @@ class _Bucket:
     layer_index: torch.Tensor | None = None  # layer_positions on the device, built once
     chunk_cache: tuple | None = None
     scratch_views: dict = field(default_factory=dict)  # chunk start -> (scratch buffer, its views)
+    directions: dict = field(default_factory=dict)  # chunk start -> kept direction tensors (CPU)
 
     def views(self, tensors: list[torch.Tensor], chunk: slice) -> list[torch.Tensor]:
         """The pieces of ``tensors`` (those of ``params[chunk]``) that this rank steps (of a
@@ -196,8 +197,8 @@ class LayerwiseOptimizer(Optimizer):
             step = base_step + bucket.step_offset
             for chunk in bucket.chunks(chunk_numel):
                 w, g, states = self._tensors(bucket, chunk)
-                # Every direction must outlive the reduction: fresh tensors, not the scratch.
-                out = [torch.empty_like(t) for t in w]
+                # Every direction must outlive the reduction: not the shared scratch.
+                out = self._directions(bucket, chunk, w)
                 d, x = self._bucket_direction(bucket, w, g, states, ops=ops, step=step, out=out)
                 piece_squares.append(_piece_squares(w, x, ops=ops))
                 pending.append((bucket, chunk, step, w, d, states))
@@ -227,6 +228,20 @@ class LayerwiseOptimizer(Optimizer):
             self._record(
                 bucket, *(torch.cat(p) for p in parts), step=base_step + bucket.step_offset
             )
+
+    def _directions(
+        self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Where a sharded step writes one chunk's directions, all alive until the reduction. On
+        the CPU they are kept between steps (a whole shard's worth allocated afresh every step
+        faults in every page: a tenth of an FSDP2 step); on accelerators the caching allocator
+        makes fresh tensors free, and nothing is held between steps."""
+        if like[0].device.type != "cpu":
+            return [torch.empty_like(t) for t in like]
+        kept = bucket.directions.get(chunk.start)
+        if kept is None or any(k.shape != t.shape for k, t in zip(kept, like, strict=True)):
+            kept = bucket.directions[chunk.start] = [torch.empty_like(t) for t in like]
+        return kept
 
     def _scratch(
         self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
