@@ -30,18 +30,19 @@ class NonFiniteError(RuntimeError):
 def gradients_are_finite(params: Iterable[torch.Tensor]) -> bool:
     """Whether every gradient of ``params`` is finite (parameters without a gradient are ignored).
 
-    FSDP2's gradients are sharded DTensors: each rank checks its shards, and one all-reduce (MIN)
-    makes every rank take the same decision."""
+    FSDP2's gradients are sharded DTensors: each rank checks its shards, and an all-reduce (MIN)
+    over every dimension of their mesh makes all its ranks take the same decision."""
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = any(getattr(g, "placements", None) is not None for g in grads)
+    meshes = [g.device_mesh for g in grads if getattr(g, "placements", None) is not None]
     flags = [torch.isfinite(getattr(g, "_local_tensor", g)).all() for g in grads]
     finite = torch.stack(flags).all() if flags else torch.tensor(True)
-    if sharded:
+    if meshes:
         import torch.distributed as dist
 
         verdict = finite.to(torch.int32)
-        # collective: one all_reduce(MIN) of one int per optimizer step (FSDP2 only).
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        for dim in range(meshes[0].ndim):
+            # collective: all_reduce(MIN) of one int per mesh dimension (FSDP2: 1, HSDP: 2).
+            dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=meshes[0].get_group(dim))
         finite = verdict.bool()
     return bool(finite.item())  # host sync: one bool per optimizer step
 
