@@ -13,8 +13,14 @@ machine noise hits both alike. Per optimizer step it records, as the slower rank
 * the bytes that collectives issued inside the client ``step()`` move: TVLARS's per-layer norm
   all-reduce (SGD issues none).
 
-Targets: engine step at most 1.10x SGD's, at most 8 bytes per layer. Prints a table, then one JSON
-line. ``python benchmarks/sharded_step.py [--steps 20] [--model resnet18]`` (it starts its two ranks
+Targets: engine step at most 1.10x SGD's, at most 8 bytes per layer.
+
+FSDP2 rows (:mod:`fsdp_step`, ``--engines`` names which run): the same resnet under PyTorch FSDP2
+(``fully_shard``, DTensor ``Shard(0)``), the ``step()`` of TVLARS bound by ``bind_fsdp`` against
+``torch.optim.SGD(nesterov)`` on the same FSDP2 model (target at most 1.10x) and against a
+per-parameter DTensor-norm implementation of the same TVLARS update, with the collectives each
+issues per step and how far the two TVLARS implementations end apart. Prints the tables, then one
+JSON line. ``python benchmarks/sharded_step.py [--steps 20] [--model resnet18]`` (it starts its two ranks
 with torchrun itself).
 """
 
@@ -45,7 +51,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per method")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--model", default="resnet18", help="a timm model name")
+    parser.add_argument(
+        "--engines", default="zero2,fsdp2", help="comma-separated: zero2, fsdp2 (default both)"
+    )
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    if not engines or any(e not in ("zero2", "fsdp2") for e in engines):
+        parser.error(f"--engines: {args.engines!r} is not a comma-separated list of zero2, fsdp2")
+    args.engines = engines
     if args.steps < 1:
         parser.error("--steps: must be at least 1")
     if args.warmup_steps < 0:
@@ -136,6 +149,37 @@ def rank_main(args: argparse.Namespace) -> None:
     template = timm.create_model(args.model, num_classes=1000)
     num_params = sum(p.numel() for p in template.parameters())
     num_layers = sum(1 for _ in template.parameters())
+    generator = torch.Generator().manual_seed(rank)
+    images = torch.randn(MICRO_BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    labels = torch.randint(0, 1000, (MICRO_BATCH_SIZE,), generator=generator)
+    result = {
+        "benchmark": "sharded_step",
+        "model": args.model,
+        "num_params": num_params,
+        "num_layers": num_layers,
+        "world_size": WORLD_SIZE,
+        "steps": args.steps,
+        "baseline": "torch.optim.SGD(momentum=0.9, nesterov=True)",
+    }
+    print_rank0 = print if rank == 0 else (lambda *a, **k: None)
+    print_rank0(f"{args.model}: {num_params / 1e6:.1f}M parameters, {num_layers} layers")
+    if "zero2" in args.engines:
+        result.update(run_zero2(args, template, images, labels, num_layers, print_rank0))
+    if "fsdp2" in args.engines:
+        import fsdp_step
+
+        fsdp = fsdp_step.run(args, template, images, labels)
+        # collective: gathers each rank's timings once at the end
+        gathered = [None] * WORLD_SIZE
+        dist.all_gather_object(gathered, fsdp)
+        result.update(report_fsdp2(gathered, num_layers, print_rank0))
+    if rank == 0:
+        print(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def run_zero2(args, template, images, labels, num_layers: int, print_rank0) -> dict:
+    rank = dist.get_rank()
     methods = ("sgd", "tvlars")
     engines = {name: build_engine(args.model, name, template.state_dict()) for name in methods}
 
@@ -149,9 +193,6 @@ def rank_main(args: argparse.Namespace) -> None:
 
     dist.all_reduce = counted_all_reduce
 
-    generator = torch.Generator().manual_seed(rank)
-    images = torch.randn(MICRO_BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    labels = torch.randint(0, 1000, (MICRO_BATCH_SIZE,), generator=generator)
     samples = {name: [] for name in methods}
     for step in range(args.warmup_steps + args.steps):
         for name in methods:  # interleaved: the same machine state for both
@@ -162,12 +203,11 @@ def rank_main(args: argparse.Namespace) -> None:
     # collective: gathers each rank's timings once at the end; a step lasts as long as its slower rank
     gathered = [None] * WORLD_SIZE
     dist.all_gather_object(gathered, samples)
-    if rank == 0:
-        report(args, num_params, num_layers, gathered)
-    dist.destroy_process_group()
+    dist.all_reduce = all_reduce
+    return report(num_layers, gathered, print_rank0) if rank == 0 else {}
 
 
-def report(args, num_params: int, num_layers: int, gathered: list[dict]) -> None:
+def report(num_layers: int, gathered: list[dict], print) -> dict:
     def median_ms(name: str, field: int) -> float:
         per_step = zip(*(rank_samples[name] for rank_samples in gathered), strict=True)
         return 1e3 * statistics.median(max(s[field] for s in step) for step in per_step)
@@ -180,9 +220,7 @@ def report(args, num_params: int, num_layers: int, gathered: list[dict]) -> None
     client_ratio = client["tvlars"] / client["sgd"]
     bytes_per_layer = norm_bytes / num_layers
 
-    print(
-        f"{args.model}: {num_params / 1e6:.1f}M parameters, {num_layers} layers, ZeRO-2 x {WORLD_SIZE}"
-    )
+    print(f"ZeRO-2 x {WORLD_SIZE}")
     print(f"{'median per optimizer step':<30}{'SGD':>10}{'TVLARS':>10}{'ratio':>8}")
     print(
         f"{'engine step (ms)':<30}{engine['sgd']:>10.1f}{engine['tvlars']:>10.1f}{engine_ratio:>8.3f}"
@@ -192,15 +230,8 @@ def report(args, num_params: int, num_layers: int, gathered: list[dict]) -> None
     )
     print(f"{'bytes all-reduced in step()':<30}{sgd_bytes:>10}{norm_bytes:>10}")
     print(f"{'  per layer':<30}{sgd_bytes / num_layers:>10.1f}{bytes_per_layer:>10.1f}")
-    result = {
-        "benchmark": "sharded_step",
-        "model": args.model,
-        "num_params": num_params,
-        "num_layers": num_layers,
-        "world_size": WORLD_SIZE,
+    return {
         "zero_stage": 2,
-        "steps": args.steps,
-        "baseline": "torch.optim.SGD(momentum=0.9, nesterov=True)",
         "sgd_engine_step_ms": round(engine["sgd"], 2),
         "tvlars_engine_step_ms": round(engine["tvlars"], 2),
         "engine_step_ratio": round(engine_ratio, 3),
@@ -212,7 +243,47 @@ def report(args, num_params: int, num_layers: int, gathered: list[dict]) -> None
         "meets_ratio_target": engine_ratio <= TARGET_RATIO,
         "meets_bytes_target": bytes_per_layer <= TARGET_BYTES_PER_LAYER,
     }
-    print(json.dumps(result))
+
+
+def report_fsdp2(gathered: list[dict], num_layers: int, print) -> dict:
+    """The FSDP2 table and JSON fields: median step of the slower rank, collectives per step."""
+    methods = ("sgd", "tvlars", "tvlars_dtensor")
+
+    def median_ms(method: str) -> float:
+        per_step = zip(*(g["samples"][method] for g in gathered), strict=True)
+        return 1e3 * statistics.median(max(s[0] for s in step) for step in per_step)
+
+    step_ms = {m: median_ms(m) for m in methods}
+    collectives = {m: max(s[1] for g in gathered for s in g["samples"][m]) for m in methods}
+    vs_sgd = step_ms["tvlars"] / step_ms["sgd"]
+    vs_dtensor = step_ms["tvlars"] / step_ms["tvlars_dtensor"]
+    print(f"FSDP2 x {WORLD_SIZE} (fully_shard, DTensor Shard(0))")
+    print(f"{'median optimizer step()':<30}{'SGD':>10}{'TVLARS':>10}{'DTensor':>10}")
+    print(
+        f"{'step (ms)':<30}{step_ms['sgd']:>10.1f}{step_ms['tvlars']:>10.1f}"
+        f"{step_ms['tvlars_dtensor']:>10.1f}"
+    )
+    print(f"{'TVLARS / that':<30}{vs_sgd:>10.3f}{1.0:>10.3f}{vs_dtensor:>10.3f}")
+    print(
+        f"{'collectives per step()':<30}{collectives['sgd']:>10}{collectives['tvlars']:>10}"
+        f"{collectives['tvlars_dtensor']:>10}"
+    )
+    worst = max(g["tvlars_vs_dtensor"] for g in gathered)
+    print(f"TVLARS (bound) vs per-parameter DTensor TVLARS after one step: {worst:.1e} relative")
+    return {
+        "fsdp2_dtensor_baseline": "TVLARS update with torch.linalg.vector_norm per DTensor parameter",
+        "fsdp2_sgd_step_ms": round(step_ms["sgd"], 2),
+        "fsdp2_tvlars_step_ms": round(step_ms["tvlars"], 2),
+        "fsdp2_tvlars_dtensor_step_ms": round(step_ms["tvlars_dtensor"], 2),
+        "fsdp2_step_ratio_vs_sgd": round(vs_sgd, 3),
+        "fsdp2_step_ratio_vs_dtensor": round(vs_dtensor, 3),
+        "fsdp2_sgd_collectives_per_step": collectives["sgd"],
+        "fsdp2_tvlars_collectives_per_step": collectives["tvlars"],
+        "fsdp2_tvlars_dtensor_collectives_per_step": collectives["tvlars_dtensor"],
+        "fsdp2_num_layers": num_layers,
+        "fsdp2_tvlars_vs_dtensor_rel_diff": worst,
+        "fsdp2_meets_ratio_target": vs_sgd <= TARGET_RATIO,
+    }
 
 
 def launch_ranks(argv: list[str]) -> int:

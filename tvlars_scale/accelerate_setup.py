@@ -8,6 +8,13 @@ Accelerate's DeepSpeed optimizer wrapper's ``step()`` is a no-op: the engine ste
 micro-batch's backward. :func:`prepare` then binds a layer-wise optimizer to the ZeRO partitions it
 is handed (``bind_zero``), so its per-layer norms cover whole layers.
 
+Under PyTorch FSDP2 (an Accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``)
+the plugin is built here: its mixed-precision policy comes from ``run.mixed_precision`` (weights
+all-gathered in bf16/fp16, gradients reduced and outputs returned in fp32; the sharded fp32 weights
+stay the optimizer's master weights), and on CPU ranks, where Accelerate would fall back to DDP, the
+state is switched to FSDP (FSDP2 runs on gloo). :func:`prepare` binds a layer-wise optimizer to the
+DTensor shards (``bind_fsdp``).
+
 :func:`make_trackers` builds Accelerate's experiment trackers for ``run.trackers``, each told where
 to write (one instance per tracker: ``init_trackers`` would give them all one project name).
 """
@@ -20,10 +27,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 from accelerate.utils import (
     DistributedType,
+    FullyShardedDataParallelPlugin,
     InitProcessGroupKwargs,
     is_mlflow_available,
     is_tensorboard_available,
@@ -35,7 +43,7 @@ from tvlars_scale import fault_injection
 from tvlars_scale.batching import BatchPlan
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import check_deepspeed_skips_nonfinite
-from tvlars_scale.optim import bind_zero
+from tvlars_scale.optim import bind_fsdp, bind_zero
 from tvlars_scale.run_dir import MLFLOW_ARTIFACTS_DIR, MLFLOW_DB, TENSORBOARD_DIR
 
 __all__ = [
@@ -64,19 +72,53 @@ def make_accelerator(config: Config) -> Accelerator:
         # Without cpu=True several CPU processes get DistributedType.NO: no DDP wrapper, so no
         # gradient all-reduce. DeepSpeed must not get it (Accelerate then skips its init).
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    fsdp_plugin = fsdp2_plugin(precision)
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         log_with=make_trackers(config) or None,
         project_dir=config.run.output_dir,
         kwargs_handlers=handlers,
+        fsdp_plugin=fsdp_plugin,
     )
+    if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate chooses FSDP only on GPU-like backends and would run these CPU ranks as DDP.
+        # FSDP2 itself runs on gloo: switch the state the way Accelerate does on GPUs, in both
+        # shared states (a later AcceleratorState() copies PartialState's distributed_type back).
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = fsdp_plugin
+        PartialState().distributed_type = DistributedType.FSDP
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise RuntimeError(
             f"{accelerator.num_processes} processes but Accelerate chose no distributed mode: "
             "gradients would not be synchronised"
         )
     return accelerator
+
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp2_plugin(precision: str) -> FullyShardedDataParallelPlugin | None:
+    """The FSDP2 plugin ``accelerate launch`` asked for (``ACCELERATE_USE_FSDP`` and the ``FSDP_*``
+    variables it sets from the config file), with the mixed-precision policy of ``precision``;
+    ``None`` without FSDP. FSDP1 is refused: its flat parameters hide the layers."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            "fsdp_config.fsdp_version",
+            f"is {plugin.fsdp_version}; the layer-wise optimizers need FSDP2 (fsdp_version: 2)",
+        )
+    if precision in _HALF:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # Half-precision compute; fp32 gradient reduction and outputs (the loss), like autocast.
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=_HALF[precision], reduce_dtype=torch.float32, output_dtype=torch.float32
+        )
+    return plugin
 
 
 TRACKER_PROJECT = "tvlars_scale"
@@ -212,12 +254,17 @@ def prepare(
     accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
 ) -> tuple[nn.Module, torch.optim.Optimizer, AbstractContextManager]:
     """``accelerator.prepare`` with the plan put into DeepSpeed and checked, the layer-wise
-    optimizer bound to its ZeRO partitions; returns the prepared model and optimizer and the extra
+    optimizer bound to its ZeRO partitions or FSDP2 shards; returns the prepared model and optimizer and the extra
     autocast the forward passes need (only DeepSpeed's half precision needs one)."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         put_plan_into_deepspeed(accelerator, plan)
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Accelerate has repointed the optimizer to the DTensor shards; FSDP2's policy casts.
+        if hasattr(optimizer, "bind_layout"):
+            bind_fsdp(optimizer, prepared_model)
+        return prepared_model, prepared_optimizer, nullcontext()
     if not deepspeed:
         return prepared_model, prepared_optimizer, nullcontext()
     check_engine_plan(prepared_model, accelerator, plan)

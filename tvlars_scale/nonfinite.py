@@ -28,11 +28,23 @@ class NonFiniteError(RuntimeError):
 
 
 def gradients_are_finite(params: Iterable[torch.Tensor]) -> bool:
-    """Whether every gradient of ``params`` is finite (parameters without a gradient are ignored)."""
-    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    if not flags:
-        return True
-    return bool(torch.stack(flags).all().item())  # host sync: one bool per optimizer step
+    """Whether every gradient of ``params`` is finite (parameters without a gradient are ignored).
+
+    FSDP2's gradients are sharded DTensors: each rank checks its shards, and an all-reduce (MIN)
+    over every dimension of their mesh makes all its ranks take the same decision."""
+    grads = [p.grad for p in params if p.grad is not None]
+    meshes = [g.device_mesh for g in grads if getattr(g, "placements", None) is not None]
+    flags = [torch.isfinite(getattr(g, "_local_tensor", g)).all() for g in grads]
+    finite = torch.stack(flags).all() if flags else torch.tensor(True)
+    if meshes:
+        import torch.distributed as dist
+
+        verdict = finite.to(torch.int32)
+        for dim in range(meshes[0].ndim):
+            # collective: all_reduce(MIN) of one int per mesh dimension (FSDP2: 1, HSDP: 2).
+            dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=meshes[0].get_group(dim))
+        finite = verdict.bool()
+    return bool(finite.item())  # host sync: one bool per optimizer step
 
 
 def check_deepspeed_skips_nonfinite(engine) -> None:

@@ -75,8 +75,8 @@ def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerato
     if not hasattr(optimizer, "layer_stats"):
         return {}
     stats = optimizer.layer_stats()  # host sync (inside layer_stats)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Under ZeRO a rank only records the layers it holds a piece of.
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Under ZeRO / FSDP2 a rank only records the layers it holds a piece of.
         # collective: all_gather_object of every rank's per-layer statistics.
         merged: StatsByLayer = {}
         for rank_stats in gather_object([stats]):

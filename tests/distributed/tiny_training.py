@@ -62,10 +62,10 @@ class TinyCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3))) * self.logit_scale
 
 
-def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(world_size: int = WORLD_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[step, micro_step, rank, sample, 3, 8, 8]`` and their labels."""
     generator = torch.Generator().manual_seed(1234)
-    shape = (NUM_STEPS, GRAD_ACCUM_STEPS, WORLD_SIZE, MICRO_BATCH_SIZE)
+    shape = (NUM_STEPS, GRAD_ACCUM_STEPS, world_size, MICRO_BATCH_SIZE)
     images = torch.randn(*shape, 3, 8, 8, generator=generator)
     labels = torch.randint(0, NUM_CLASSES, shape, generator=generator)
     return images, labels
@@ -84,17 +84,17 @@ def initial_parameters() -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in TinyCNN().named_parameters()}
 
 
-def train_reference(optimizer_name: str) -> dict[str, torch.Tensor]:
-    """One process holding every global batch."""
+def train_reference(optimizer_name: str, world_size: int = WORLD_SIZE) -> dict[str, torch.Tensor]:
+    """One process holding every global batch (of ``world_size`` ranks' chunks)."""
     model, optimizer = make_model_and_optimizer(optimizer_name)
-    images, labels = make_data()
+    images, labels = make_data(world_size)
     for step in range(NUM_STEPS):
         for micro_step in range(GRAD_ACCUM_STEPS):
-            for rank in range(WORLD_SIZE):
+            for rank in range(world_size):
                 loss = F.cross_entropy(
                     model(images[step, micro_step, rank]), labels[step, micro_step, rank]
                 )
-                (loss / (WORLD_SIZE * GRAD_ACCUM_STEPS)).backward()
+                (loss / (world_size * GRAD_ACCUM_STEPS)).backward()
         optimizer.step()
         optimizer.zero_grad()
     return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -4,7 +4,8 @@ A checkpoint ``<run>/checkpoints/step-N/`` holds:
 
 ``model.pt`` (rank 0)
     the model's full ``state_dict`` (parameters and buffers: BatchNorm statistics), loadable by the
-    model alone for evaluation or export; gathered first under ZeRO-3.
+    model alone for evaluation or export; gathered first under ZeRO-3 and FSDP2 (every rank loads
+    it back into its own shards).
 ``trainer.pt`` (rank 0)
     the trainer's own state: step and skipped-step counters, data position (epoch, micro-batches
     consumed and the global micro-batch size they were counted in), evaluation history. The LR
@@ -48,7 +49,7 @@ from tvlars_scale.checkpoint.layer_state import (
 from tvlars_scale.checkpoint.policy import CONFIG_FILE
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
-from tvlars_scale.optim.sharding import ShardedLayout
+from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
 __all__ = ["CheckpointRestoreError", "Checkpointer"]
 
@@ -110,6 +111,7 @@ class Checkpointer:
         self._saved_position: dict | None = None  # the loop's position at the last save / restore
         self.module = accelerator.unwrap_model(model)
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
         self.layout: ShardedLayout = self._state_layout()
 
     def _state_layout(self) -> ShardedLayout:
@@ -123,7 +125,56 @@ class Checkpointer:
             if zero_optimizer is not None:
                 bound = getattr(zero_optimizer.optimizer, "layout", None)
                 return bound if bound is not None else zero_layout(zero_optimizer)
+        if self.fsdp:
+            from tvlars_scale.optim.fsdp_layout import fsdp_layout
+
+            bound = getattr(self.optimizer, "layout", None)
+            return bound if bound is not None else fsdp_layout(self.optimizer, self.module)
         return unsharded_layout(self.module, self.optimizer)
+
+    def _owner(self) -> bool:
+        """Whether this rank writes its optimizer pieces: every rank holding a shard (HSDP: the
+        first replica of it), or the main process when every rank holds everything."""
+        if self.layout.sharded:
+            return self.layout.replica_rank == 0
+        return self.accelerator.is_main_process
+
+    def _model_state(self) -> dict | None:
+        """The model's full state dict on the main process (``None`` elsewhere)."""
+        state = self.module.state_dict()
+        if self.fsdp:
+            # collective: one all-gather per sharded tensor, on every rank, in the same order.
+            state = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in state.items()}
+        if not self.accelerator.is_main_process:
+            return None
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    @torch.no_grad()
+    def _load_model_state(self, saved: dict) -> None:
+        """Every rank copies its own rows of each FSDP2-sharded tensor from the full state dict
+        (no collective); anything else loads as usual."""
+        if not self.fsdp:
+            self.module.load_state_dict(saved)
+            return
+        current = self.module.state_dict()
+        if current.keys() != saved.keys():
+            missing, unexpected = current.keys() - saved.keys(), saved.keys() - current.keys()
+            raise ValueError(
+                f"model state: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        from tvlars_scale.optim.fsdp_layout import shard_rows
+
+        for key, tensor in current.items():
+            value = saved[key]
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{key} has shape {list(tensor.shape)} here but {list(value.shape)} saved"
+                )
+            if _is_dtensor(tensor):
+                _, first, count = shard_rows(tensor)
+                local_tensor(tensor).copy_(value.narrow(0, first, count))
+            else:
+                tensor.copy_(value)
 
     @contextlib.contextmanager
     def _full_parameters(self, modifier_rank: int | None):
@@ -159,19 +210,11 @@ class Checkpointer:
     def _write(self, step: int, trainer_state: dict, metadata: dict) -> Path:
         accelerator = self.accelerator
         with self._full_parameters(modifier_rank=None):
-            model_state = (
-                {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-                if accelerator.is_main_process
-                else None
-            )
+            model_state = self._model_state()
         rank_payload = {
             "rng": capture_rng_state(),
             "task": self.task.state_dict(),
-            "layers": capture_layer_state(
-                self.optimizer,
-                self.layout,
-                owner=self.layout.sharded or accelerator.is_main_process,
-            ),
+            "layers": capture_layer_state(self.optimizer, self.layout, owner=self._owner()),
         }
         shared = {
             MODEL_FILE: model_state,
@@ -203,7 +246,7 @@ class Checkpointer:
         try:
             model_state = load_file(info.path, MODEL_FILE)
             with self._full_parameters(modifier_rank=0):
-                self.module.load_state_dict(model_state)
+                self._load_model_state(model_state)
             payloads = []
             for r in range(info.world_size):
                 piece = rank_file(r)
@@ -233,3 +276,7 @@ class Checkpointer:
             self.train_state.load_state_dict(trainer_state)
             self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state
+
+
+def _is_dtensor(tensor) -> bool:
+    return getattr(tensor, "placements", None) is not None

@@ -1,15 +1,17 @@
 """Optimizer state and fp32 master weights saved per named layer, so they load at any world size.
 
 What an optimizer steps depends on the parallel setting: the model's own parameters (one process,
-DDP, ZeRO stage 0), or DeepSpeed ZeRO's flat fp32 partitions, in which a layer may be cut between
-two ranks. Both are described by the :class:`~tvlars_scale.optim.sharding.ShardedLayout` the
-optimizer steps by: under ZeRO the very layout it is bound to (``bind_zero``), otherwise
+DDP, ZeRO stage 0), DeepSpeed ZeRO's flat fp32 partitions, in which a layer may be cut between
+two ranks, or FSDP2's DTensors, whose local shards are blocks of rows. All are described by the
+:class:`~tvlars_scale.optim.sharding.ShardedLayout` the optimizer steps by: under ZeRO / FSDP2 the
+very layout it is bound to (``bind_zero`` / ``bind_fsdp``), otherwise
 :func:`unsharded_layout`, every parameter one whole named layer. Each
 :class:`~tvlars_scale.optim.sharding.Piece` says where a run of a layer lies in the stepped tensor
 and where in the layer (``layer_offset``). Saving writes every piece this rank owns, with its layer
 offset; loading, under any other layout, copies each piece it needs from the overlapping saved runs.
 The saved form depends on the layers alone, never on the world size or the ZeRO stage, so a
-checkpoint of 2 ZeRO-2 ranks loads on 1 process without DeepSpeed, or on 3.
+checkpoint of 2 ZeRO-2 ranks loads on 1 process without DeepSpeed, on 3, or under FSDP2, and back.
+HSDP replicas hold the same pieces: only replica 0 writes them (``layout.replica_rank``).
 
 Per-tensor state that is not elementwise (the layer-wise optimizers' ``step`` counter, a Python
 int; 0-dim tensors) is saved per layer. Under ZeRO one partition carries one value for all its
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tvlars_scale.optim.sharding import Piece, ShardedLayout
+from tvlars_scale.optim.sharding import Piece, ShardedLayout, local_tensor
 
 __all__ = ["capture_layer_state", "restore_layer_state", "unsharded_layout"]
 
@@ -56,7 +58,8 @@ def _is_elementwise(value, tensor: torch.Tensor) -> bool:
 
 
 def _run_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
-    return tensor.view(-1).narrow(0, piece.start, piece.numel)
+    # An FSDP2 DTensor's pieces index its local shard.
+    return local_tensor(tensor).view(-1).narrow(0, piece.start, piece.numel)
 
 
 def capture_layer_state(

@@ -1,6 +1,7 @@
 """Layer-wise optimizers for very large batches: TVLARS, LARS, LAMB (sharding-aware)."""
 
 from . import schedules
+from .fsdp_layout import bind_fsdp
 from .lamb import LAMB
 from .lars import LARS
 from .registry import OPTIMIZERS, build_optimizer, layerwise_param_groups, register_with_timm
@@ -16,6 +17,7 @@ __all__ = [
     "Piece",
     "ShardedLayout",
     "TensorLayout",
+    "bind_fsdp",
     "bind_zero",
     "build_optimizer",
     "layerwise_param_groups",

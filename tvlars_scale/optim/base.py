@@ -9,8 +9,9 @@ A ``step()`` call runs in two phases around :func:`~tvlars_scale.optim.sharding.
    to one 0-dim tensor per piece, and the algorithm applies the update.
 
 Without a bound :class:`~tvlars_scale.optim.sharding.ShardedLayout` every parameter is one layer and
-one piece. With one, the optimizer steps DeepSpeed's flat partitions as pieces of named layers; the
-bound layout is exposed as :attr:`LayerwiseOptimizer.layout` (the checkpoint saves through it).
+one piece. With one, the optimizer steps DeepSpeed's flat partitions, or FSDP2's row shards, as pieces
+of named layers; the bound layout is exposed as :attr:`LayerwiseOptimizer.layout` (the checkpoint
+saves through it). Sharded DTensors without a layout are refused (their local norms are wrong).
 
 The algorithm hooks and the :mod:`.functional` helpers take the tensor lists positionally and
 everything else by keyword.
@@ -26,7 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from .functional import FOREACH, LOOP
-from .sharding import ShardedLayout, layer_norms
+from .sharding import ShardedLayout, layer_norms, local_tensor
 
 __all__ = ["LayerwiseOptimizer"]
 
@@ -53,11 +54,13 @@ class _Bucket:
     layer_index: torch.Tensor | None = None  # layer_positions on the device, built once
     chunk_cache: tuple | None = None
     scratch_views: dict = field(default_factory=dict)  # chunk start -> (scratch buffer, its views)
+    directions: dict = field(default_factory=dict)  # chunk start -> kept direction tensors (CPU)
 
     def views(self, tensors: list[torch.Tensor], chunk: slice) -> list[torch.Tensor]:
-        """The pieces of ``tensors`` (those of ``params[chunk]``) that this rank steps."""
+        """The pieces of ``tensors`` (those of ``params[chunk]``) that this rank steps (of a
+        DTensor: of its local shard)."""
         return [
-            t if span is None else t.view(-1).narrow(0, span[0], span[1])
+            local_tensor(t) if span is None else local_tensor(t).view(-1).narrow(0, *span)
             for t, span in zip(tensors, self.spans[chunk], strict=True)
         ]
 
@@ -80,6 +83,9 @@ class _Plan:
     buckets: list[_Bucket]
     num_layers: int
     piece_to_layer: torch.Tensor | None  # None: pieces are whole layers, nothing to reduce
+    # Tensors of which this rank holds no piece (FSDP2: a layer with fewer rows than ranks):
+    # nothing to update, but their step counters advance with their layers'.
+    pieceless: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +168,8 @@ class LayerwiseOptimizer(Optimizer):
             self._step_whole_layers(plan, base_step, ops, chunk_numel)
         else:
             self._step_sharded(plan, base_step, ops, chunk_numel)
+        for p in plan.pieceless:
+            self.state[p]["step"] += 1
         return loss
 
     def _step_whole_layers(self, plan: _Plan, base_step: int, ops, chunk_numel: int) -> None:
@@ -189,8 +197,8 @@ class LayerwiseOptimizer(Optimizer):
             step = base_step + bucket.step_offset
             for chunk in bucket.chunks(chunk_numel):
                 w, g, states = self._tensors(bucket, chunk)
-                # Every direction must outlive the reduction: fresh tensors, not the scratch.
-                out = [torch.empty_like(t) for t in w]
+                # Every direction must outlive the reduction: not the shared scratch.
+                out = self._directions(bucket, chunk, w)
                 d, x = self._bucket_direction(bucket, w, g, states, ops=ops, step=step, out=out)
                 piece_squares.append(_piece_squares(w, x, ops=ops))
                 pending.append((bucket, chunk, step, w, d, states))
@@ -220,6 +228,20 @@ class LayerwiseOptimizer(Optimizer):
             self._record(
                 bucket, *(torch.cat(p) for p in parts), step=base_step + bucket.step_offset
             )
+
+    def _directions(
+        self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Where a sharded step writes one chunk's directions, all alive until the reduction. On
+        the CPU they are kept between steps (a whole shard's worth allocated afresh every step
+        faults in every page: 77 -> 45 ms for resnet18's FSDP2 step on one rank); on accelerators the caching allocator
+        makes fresh tensors free, and nothing is held between steps."""
+        if like[0].device.type != "cpu":
+            return [torch.empty_like(t) for t in like]
+        kept = bucket.directions.get(chunk.start)
+        if kept is None or any(k.shape != t.shape for k, t in zip(kept, like, strict=True)):
+            kept = bucket.directions[chunk.start] = [torch.empty_like(t) for t in like]
+        return kept
 
     def _scratch(
         self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
@@ -323,9 +345,12 @@ class LayerwiseOptimizer(Optimizer):
         layout = self._layout
         buckets: dict[tuple, _Bucket] = {}
         call_layers: dict[int, int] = {}  # global layer id -> position in this call's norm vector
+        pieceless = []
         for group_index, p, step in entries:
             group = self.param_groups[group_index]
             pieces = self._pieces(p, group_index, group, layout)
+            if not pieces:
+                pieceless.append(p)
             if layout is not None:
                 for layer in layout.of(p).layers:
                     call_layers.setdefault(layer, len(call_layers))
@@ -363,11 +388,19 @@ class LayerwiseOptimizer(Optimizer):
             piece_to_layer=(
                 torch.tensor(piece_to_layer, dtype=torch.long, device=device) if sharded else None
             ),
+            pieceless=pieceless,
         )
 
     def _pieces(self, p, group_index, group, layout):
         """``(layer id, name, original shape, span)`` for each piece of ``p`` this rank holds."""
         if layout is None:
+            if _is_sharded_dtensor(p):
+                raise RuntimeError(
+                    f"{type(self).__name__} is stepping a sharded DTensor (FSDP2) of shape "
+                    f"{tuple(p.shape)} and no layout describes it: norms of its local shard would "
+                    "be silently wrong. Call tvlars_scale.optim.bind_fsdp(optimizer, model) after "
+                    "fully_shard() / accelerator.prepare()."
+                )
             if id(p) not in self._constructed:
                 raise RuntimeError(
                     f"{type(self).__name__} is stepping a tensor it was not constructed with (a DeepSpeed "
@@ -394,6 +427,12 @@ class LayerwiseOptimizer(Optimizer):
             )
             for piece in entry.pieces
         ]
+
+
+def _is_sharded_dtensor(tensor: torch.Tensor) -> bool:
+    # Read from the placements without importing DTensor: a tensor holding part of its values.
+    placements = getattr(tensor, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
 
 
 def _piece_squares(w: list[torch.Tensor], x: list[torch.Tensor], *, ops) -> torch.Tensor:

@@ -9,7 +9,9 @@ flat partitions in which a layer may be cut between ranks. Both cases are descri
 * a :class:`TensorLayout` is what one stepped tensor holds on this rank: its pieces, and every layer
   of the (sub-)group it partitions;
 * a :class:`ShardedLayout` maps each stepped tensor to its :class:`TensorLayout` and names the layers
-  with their original shapes. :mod:`.zero_layout` builds it from DeepSpeed's bookkeeping;
+  with their original shapes. :mod:`.zero_layout` builds it from DeepSpeed's bookkeeping,
+  :mod:`.fsdp_layout` from FSDP2's DTensors (pieces then index the DTensor's local shard,
+  :func:`local_tensor`);
   :meth:`ShardedLayout.whole_layers` builds the unsharded one (every tensor one whole layer).
 
 The optimizer, once bound to a sharded layout, sums the squared norms of its pieces per layer, and
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Piece", "ShardedLayout", "TensorLayout", "layer_norms"]
+__all__ = ["Piece", "ShardedLayout", "TensorLayout", "layer_norms", "local_tensor"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class ShardedLayout:
     them, never from the flat tensor. ``process_group`` is the data-parallel group the norm all-reduce
     runs over (``None``: the default group). ``sharded`` is ``False`` only for
     :meth:`whole_layers`: every rank then steps the same whole parameters, and an optimizer must not be
-    bound to it (its norms are local).
+    bound to it (its norms are local). ``replica_rank`` is this rank's index among ranks holding the
+    same pieces (HSDP replicas; 0 without replication): only replica 0 needs to save them.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ShardedLayout:
         process_group: dist.ProcessGroup | None = None,
         *,
         sharded: bool = True,
+        replica_rank: int = 0,
     ) -> None:
         if len(layer_names) != len(layer_shapes):
             raise ValueError("layer_names and layer_shapes must have the same length")
@@ -83,6 +87,7 @@ class ShardedLayout:
         self._tensors = {id(tensor): (tensor, entry) for tensor, entry in tensors}
         self.process_group = process_group
         self.sharded = sharded
+        self.replica_rank = replica_rank
         for _, entry in self._tensors.values():
             for piece in entry.pieces:
                 if piece.layer not in entry.layers:
@@ -106,6 +111,15 @@ class ShardedLayout:
     def items(self) -> Iterator[tuple[torch.Tensor, TensorLayout]]:
         """Every described tensor with what it holds, in the order they were given."""
         return iter(self._tensors.values())
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: a DTensor's local shard (a view sharing its storage, so
+    in-place updates reach the DTensor), any other tensor itself. Pieces index into it."""
+    # ``_local_tensor`` rather than ``to_local()``: the same tensor without an autograd call per
+    # tensor per step (a tenth of a small model's step).
+    local = getattr(tensor, "_local_tensor", None)
+    return tensor if local is None else local
 
 
 def layer_norms(
