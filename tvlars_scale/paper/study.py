@@ -97,6 +97,10 @@ def measure_sharpness(trainer, *, samples: int, max_iterations: int, rtol: float
     }
 
 
+class Preempted(Exception):
+    """A signal stopped a run early: the study stops too (run it again to resume)."""
+
+
 def run_one(run: Run, output_dir: Path, extra: list[str], sharpness: dict | None) -> dict:
     from tvlars_scale.config import load_config
     from tvlars_scale.trainer import Trainer
@@ -107,6 +111,10 @@ def run_one(run: Run, output_dir: Path, extra: list[str], sharpness: dict | None
     try:
         (output_dir / LABELS_FILE).write_text(json.dumps(run.labels) + "\n")
         metrics = trainer.train()
+        if trainer.preemption.received is not None:
+            # SIGTERM / SIGUSR1: the trainer checkpointed and stopped early; so does the study
+            # (the run, without metrics.json, starts over next time).
+            raise Preempted(run.name)
         if sharpness is not None:
             result = measure_sharpness(trainer, **sharpness)
             (output_dir / SHARPNESS_FILE).write_text(json.dumps(result, indent=1) + "\n")
@@ -145,6 +153,9 @@ def run_study(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         try:
             metrics = run_one(run, output_dir, extra, sharpness if measure else None)
+        except Preempted:
+            print(f"[{index}/{len(runs)}] {run.name}: preempted; the study stops", flush=True)
+            return 1
         except Exception as error:  # one failed run must not end the study
             failures += 1
             print(f"[{index}/{len(runs)}] {run.name}: FAILED: {error}", flush=True)
