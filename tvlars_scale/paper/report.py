@@ -264,7 +264,14 @@ def render_missing(missing: list[PaperKey], paper: dict[PaperKey, float]) -> lis
     for task, dataset, optimizer, batch, lr in missing:
         groups[(task, dataset, optimizer)].append((batch, lr))
     column_of = {value: key for key, value in PAPER_COLUMN.items()}
-    for (task, dataset, optimizer), cells in groups.items():
+    columns = list(column_of)
+
+    def order(group: tuple[str, str, str]) -> tuple:
+        task, dataset, optimizer = group
+        rank = columns.index(optimizer) if optimizer in columns else len(columns)
+        return (*_section_order((task, dataset, "")), rank, optimizer)
+
+    for (task, dataset, optimizer), cells in sorted(groups.items(), key=lambda g: order(g[0])):
         size = sum(1 for k in paper if k[:3] == (task, dataset, optimizer))
         if len(cells) == size:
             text = f"all {size}"

@@ -287,7 +287,11 @@ def render_markdown(cells: list[dict], optimizers: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(cells: list[dict], optimizers: list[str], path: Path) -> None:
+def plot(
+    cells: list[dict], optimizers: list[str], path: Path, reference: float | None = None
+) -> None:
+    """Accuracy at each cell's best LR against batch size, one line per optimizer, one panel per
+    task; ``reference``: Barlow Twins' random-init linear evaluation, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,6 +308,10 @@ def plot(cells: list[dict], optimizers: list[str], path: Path) -> None:
             xs = [c["batch"] for c in best]
             axis.errorbar(xs, [c["top1_mean"] for c in best], yerr=[c["top1_std"] for c in best],
                           marker="o", capsize=3, label=optimizer)  # fmt: skip
+        if task == "barlow_twins" and reference is not None:
+            axis.axhline(
+                reference, color="grey", linestyle="--", label="random init (no pretraining)"
+            )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("global batch size")
         axis.set_ylabel("top-1 accuracy (%), best of 3 LRs")
@@ -341,6 +349,34 @@ def coverage(rows: list[dict], grid_cells: set[tuple]) -> tuple[list[dict], list
     return kept, lines
 
 
+def random_init_reference(grid, seeds: list[int]) -> dict[int, float]:
+    """Barlow Twins' linear evaluation (top-1 %) of the backbone at its initialisation, per seed:
+    the score a pretraining must beat to have learnt anything. The initial model depends on the
+    seed and the model only, so any Barlow Twins run of the seed defines it."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from tvlars_scale.config import load_config
+    from tvlars_scale.data import load_image_data
+    from tvlars_scale.tasks import build_task
+
+    register_small_model()
+    reference = {}
+    for seed in seeds:
+        runs = select(grid.runs(), {"task": {"barlow_twins"}, "seed": {str(seed)}})
+        if not runs:
+            continue
+        config = load_config(runs[0].config, list(runs[0].overrides))
+        data = load_image_data(config.data.name)
+        set_seed(config.run.seed)  # as the trainer seeds before it builds the model
+        task = build_task(config, data, 0)
+        model = task.build_model().eval()
+        with torch.no_grad():
+            outputs = task.eval_outputs(model, data.test_images, data.test_labels)
+            reference[seed] = 100 * task.eval_metrics(outputs)["linear_test_accuracy"]
+    return reference
+
+
 def summarize(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     optimizers = list(grid.optimizers)
@@ -352,6 +388,12 @@ def summarize(args: argparse.Namespace) -> int:
     rows, lines = coverage(rows, grid_cells)
     cells = aggregate(rows)
     args.out.mkdir(parents=True, exist_ok=True)
+    bt_seeds = sorted({row["seed"] for row in rows if row["task"] == "barlow_twins"})
+    reference = random_init_reference(grid, bt_seeds) if bt_seeds else {}
+    if reference:
+        values = ", ".join(f"{value:.2f} (seed {seed})" for seed, value in reference.items())
+        lines.append(f"- Barlow Twins reference: the same linear evaluation of the backbone at "
+                     f"its random initialisation (no pretraining): {values}")  # fmt: skip
     seeds_note = "\n".join(["", "Runs per task and seed:", *lines, ""])
     (args.out / "table.md").write_text(render_markdown(cells, optimizers) + seeds_note)
     with open(args.out / "table.csv", "w", newline="") as handle:
@@ -360,7 +402,8 @@ def summarize(args: argparse.Namespace) -> int:
         writer.writerows(cells)
     (args.out / "runs.json").write_text(json.dumps(rows, indent=0) + "\n")
     (args.out / "table.json").write_text(json.dumps(cells, indent=1) + "\n")
-    plot(cells, optimizers, args.out / "accuracy_vs_batch.png")
+    seed0 = reference.get(0)
+    plot(cells, optimizers, args.out / "accuracy_vs_batch.png", seed0)
     expected = len(select(grid.runs(), {}))
     print(f"{len(rows)} finished runs of the grid's {expected}; wrote table.md, table.csv, "
           f"table.json, runs.json, accuracy_vs_batch.png to {args.out}")  # fmt: skip
