@@ -244,6 +244,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return sorted(cells, key=lambda c: (c["task"], c["optimizer"], c["batch"], c["lr"]))
 
 
+def _accuracy(cell: dict) -> str:
+    """``mean ± std (seeds)``; one seed has no spread to show: ``value (1)``."""
+    if cell["seeds"] == 1:
+        return f"{cell['top1_mean']:.2f} (1)"
+    return f"{cell['top1_mean']:.2f} ± {cell['top1_std']:.2f} ({cell['seeds']})"
+
+
 def render_markdown(cells: list[dict], optimizers: list[str]) -> str:
     out = []
     tasks = [t for t in TASK_ORDER if any(c["task"] == t for c in cells)]
@@ -266,7 +273,7 @@ def render_markdown(cells: list[dict], optimizers: list[str]) -> str:
                 sharp = (
                     f"; λmax {c['sharpness_mean']:.3g}" if c["sharpness_mean"] is not None else ""
                 )
-                line.append(f"{c['top1_mean']:.2f} ± {c['top1_std']:.2f} ({c['seeds']}) "
+                line.append(f"{_accuracy(c)} "
                             f"@ lr {format_number(c['lr'])}{sharp}")  # fmt: skip
             out.append("| " + " | ".join(line) + " |")
         out.append("")
@@ -278,7 +285,7 @@ def render_markdown(cells: list[dict], optimizers: list[str]) -> str:
                      if c["sharpness_mean"] is not None else "—")  # fmt: skip
             mark = " *" if c["best_lr"] else ""
             out.append(f"| {c['optimizer']} | {c['batch']} | {format_number(c['lr'])}{mark} | "
-                       f"{c['top1_mean']:.2f} ± {c['top1_std']:.2f} ({c['seeds']}) | {sharp} |")  # fmt: skip
+                       f"{_accuracy(c)} | {sharp} |")  # fmt: skip
         out.append("")
     out.append("Top-1 accuracy (%) on the 360 test images; classification: the classifier, Barlow "
                "Twins: a linear classifier on the frozen backbone. λmax: the largest Hessian "
