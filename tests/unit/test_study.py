@@ -47,7 +47,6 @@ def test_best_lr_is_chosen_on_seed_0_and_partial_seeds_are_dropped():
     )
 
 
-@pytest.mark.long  # three trainer runs and a plot: ~20-50 s on the shared 2-core machine
 def test_study_runs_a_grid_in_process_with_sharpness_and_summarizes(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
