@@ -54,6 +54,7 @@ __all__ = [
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     **OPTIMIZERS,
     "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
 }
 
 
@@ -188,8 +189,9 @@ def optimizer(
 ) -> torch.optim.Optimizer:
     """``optim.name``'s optimizer over the usual two parameter groups (decayed / not), at ``lr``.
 
-    The section's fields are the constructor's arguments; the one epoch-valued field, TVLARS'
-    ``delay_epochs``, becomes ``delay_steps`` from the real steps per epoch.
+    The section's fields are the constructor's arguments (``sgd`` and ``adamw`` are torch's own);
+    the one epoch-valued field, TVLARS' ``delay_epochs`` (both variants), becomes ``delay_steps``
+    from the real steps per epoch.
     """
     kwargs = optim.model_dump(exclude={"name"})
     kwargs["lr"] = lr

@@ -209,14 +209,18 @@ class TVLARSConfig(_OptimBase):
 
 class TVLARSOfficialConfig(_OptimBase):
     name: Literal["tvlars_official"] = "tvlars_official"
-    """TVLARS as in the authors' reference code: TVLARS(variant="official"), phi_t = 1 / (0.1 +
-    exp(lmbda (t + 1))), so it has no alpha, gamma_min or delay."""
+    """TVLARS as in the authors' code that runs (KhoiDOO/tvlars 10bcfd2): TVLARS(variant=
+    "official"): plain LARS for delay_epochs, then the ratio times 1 / (0.1 + exp(lmbda (t + 1)))
+    with t counted from the start of training; no alpha or gamma_min."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """Heavy-ball momentum."""
     eta: float = Field(1e-3, gt=0)
     """Trust coefficient of the layer-wise trust ratio."""
     lmbda: float = Field(1e-4, ge=0)
     """Decay steepness lambda of phi_t (per optimizer step)."""
+    delay_epochs: float = Field(10.0, ge=0)
+    """Epochs of plain LARS before phi_t applies (the code's epoch_delay_cnt = 10), passed as
+    delay_steps from the real steps per epoch; 0: the no-delay form (KhoiDOO/tvlars 89c3291)."""
     exclude_1d: bool = True
     """1-D parameters (biases, norm layers) get no weight decay and step at the raw lr."""
 
@@ -256,6 +260,20 @@ class SGDConfig(_OptimBase):
     """Momentum."""
     nesterov: bool = False
     """Nesterov momentum."""
+
+
+class AdamWConfig(_OptimBase):
+    name: Literal["adamw"] = "adamw"
+    """torch.optim.AdamW (decoupled weight decay, no layer-wise adaptation), the baseline of Nado
+    et al. 2021 (arXiv 2102.06356); give it warm-up + cosine with schedule.name: warmup_cosine."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (Adam scale)."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """Decoupled weight decay (w -= lr wd w; torch's default), not applied to 1-D parameters."""
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    """Adam coefficients (beta1, beta2)."""
+    eps: float = Field(1e-8, ge=0)
+    """Adam's epsilon."""
 
 
 class ConstantScheduleConfig(_Section):
@@ -333,6 +351,7 @@ OPTIM_CONFIGS: tuple[type[_Section], ...] = (
     LARSConfig,
     LAMBConfig,
     SGDConfig,
+    AdamWConfig,
 )
 SCHEDULE_CONFIGS: tuple[type[_Section], ...] = (
     ConstantScheduleConfig,

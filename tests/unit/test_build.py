@@ -17,12 +17,14 @@ from tvlars_scale.optim import LAMB, LARS, TVLARS, schedules
 # Constructor arguments that are not hyper-parameters of a config section.
 NOT_CONFIGURED = {"self", "params", "foreach", "variant", "maximize", "differentiable", "fused"}
 NOT_CONFIGURED |= {"dampening"}  # torch SGD's, kept at 0 as before
+NOT_CONFIGURED |= {"amsgrad", "capturable"}  # torch AdamW's: plain AdamW; CUDA-graph plumbing
 CONSTRUCTORS = {
     "tvlars": TVLARS,
     "tvlars_official": TVLARS,
     "lars": LARS,
     "lamb": LAMB,
     "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
 }
 
 
@@ -41,8 +43,8 @@ def test_optim_sections_hold_exactly_their_constructors_arguments(section):
     fields = set(section.model_fields) - {"name"}
     fields = {"delay_steps" if field == "delay_epochs" else field for field in fields}
     arguments = set(inspect.signature(CONSTRUCTORS[name]).parameters) - NOT_CONFIGURED
-    if name == "tvlars_official":  # phi_t = 1 / (0.1 + exp(lmbda (t + 1))): no shape to set
-        arguments -= {"alpha", "gamma_min", "delay_steps"}
+    if name == "tvlars_official":  # phi_t = 1 / (0.1 + exp(lmbda (t + 1))) after the delay
+        arguments -= {"alpha", "gamma_min"}
     assert fields == arguments
 
 
@@ -57,7 +59,17 @@ def test_optim_sections_hold_exactly_their_constructors_arguments(section):
         (
             {"name": "tvlars_official", "lmbda": 1e-2},
             TVLARS,
-            {"variant": "official", "lmbda": 1e-2},
+            {"variant": "official", "lmbda": 1e-2, "delay_steps": 40},  # 10 epochs by default
+        ),
+        (
+            {"name": "tvlars_official", "delay_epochs": 0},
+            TVLARS,
+            {"variant": "official", "delay_steps": 0},  # the no-delay form
+        ),
+        (
+            {"name": "adamw", "betas": [0.8, 0.99], "weight_decay": 5e-4},
+            torch.optim.AdamW,
+            {"betas": (0.8, 0.99), "eps": 1e-8, "amsgrad": False},
         ),
         ({"name": "lars", "nesterov": True, "eps": 0.0}, LARS, {"nesterov": True, "eps": 0.0}),
         ({"name": "lamb", "betas": [0.8, 0.99]}, LAMB, {"betas": (0.8, 0.99), "eps": 1e-6}),

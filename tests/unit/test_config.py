@@ -73,8 +73,17 @@ def test_switching_optimizer_keeps_shared_settings_and_refuses_foreign_ones(base
         load_config(base_yaml, ["optim.betas=[0.8, 0.99]"])
     assert (caught.value.key, caught.value.problem) == (
         "optim.betas",
-        "unknown key for optim.name=tvlars (a setting of lamb)",
+        "unknown key for optim.name=tvlars (a setting of lamb, adamw)",
     )
+
+
+def test_adamw_and_official_delay_sections(base_yaml):
+    adamw = load_config(base_yaml, ["optim.name=adamw", "optim.eps=1e-6"]).optim
+    assert (adamw.name, adamw.lr, adamw.betas, adamw.eps) == ("adamw", 2.5, [0.9, 0.999], 1e-6)
+    assert adamw.weight_decay == 1e-2  # AdamW's own default (torch's), not the LARS family's
+    official = load_config(base_yaml, ["optim.name=tvlars_official"]).optim
+    assert official.delay_epochs == 10.0  # the authors' epoch_delay_cnt
+    assert load_config(base_yaml, ["optim.name=tvlars_official", "optim.delay_epochs=0"]).optim
 
 
 def test_only_true_and_false_are_booleans(base_yaml):
@@ -139,7 +148,10 @@ def test_resolved_yaml_round_trips(base_yaml, tmp_path):
         (["task.name=detection"], "task.name", "unknown task 'detection'"),
         (["task.label_smoothing=1.5"], "task.label_smoothing", "less than 1"),
         (["optim.name=lamb", "optim.betas=[0.9]"], "optim.betas", "at least 2"),
-        (["optim.name=adamw"], "optim.name", "unknown optimizer 'adamw'"),
+        (["optim.name=adam"], "optim.name", "unknown optimizer 'adam'"),
+        (["optim.name=adamw", "optim.betas=[0.9]"], "optim.betas", "at least 2"),
+        (["optim.name=adamw", "optim.momentum=0.9"], "optim.momentum", "adamw"),
+        (["optim.name=tvlars_official", "optim.delay_epochs=-1"], "optim.delay_epochs", "0"),
         (["schedule.name=poly", "schedule.power=0"], "schedule.power", "greater than 0"),
         (["optim.lr.x=3"], "optim.lr", "is a value, not a section"),
         (["optim.lr"], "optim.lr", "expected key=value"),

@@ -7,6 +7,7 @@ import pytest
 
 from tvlars_scale.config import load_config
 from tvlars_scale.paper.grid import load_grid, main, parse_filters, select
+from tvlars_scale.paper.report import RunResult, load_paper_table, optimizer_label, paper_key
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_GRID = REPO / "configs" / "paper_grid.yaml"
@@ -105,3 +106,30 @@ def test_bad_grid_file_names_the_key(tmp_path, capsys):
     bad.write_text(PAPER_GRID.read_text().replace("512: [1, 2, 3]", "512: []"))
     assert main(["count", "--grid", str(bad)]) == 2
     assert "batch_lrs.512" in capsys.readouterr().err
+
+
+def test_paper_grid_runs_and_table_1_cells_are_the_same_216_keys():
+    """Each grid run, resolved as the trainer resolves it and labelled as the report labels its
+    config.yaml, fills exactly one cell of the package's table1.tsv, and every cell has its run."""
+    paper, _ = load_paper_table()
+    keys = []
+    for run in load_grid(PAPER_GRID).runs():
+        config = load_config(REPO / run.config, list(run.overrides))
+        resolved = config.model_dump()
+        keys.append(
+            paper_key(
+                RunResult(
+                    task=config.task.name,
+                    dataset=config.data.name,
+                    model=config.model.name,
+                    optimizer=optimizer_label(resolved),
+                    batch=config.batch.global_batch_size,
+                    lr=config.optim.lr,
+                    seed=config.run.seed,
+                    top1=0.0,
+                )
+            )
+        )
+    assert None not in keys
+    assert len(keys) == len(set(keys)) == len(paper) == 216
+    assert set(keys) == set(paper)

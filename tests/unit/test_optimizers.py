@@ -90,28 +90,35 @@ def test_tvlars_paper_three_steps(foreach, shape):
     torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
 
 
+# delay 2: steps 0 and 1 are plain LARS, step 2 decays (t counted from the start of training);
+# delay 0: the no-delay form (every step decays).
+@pytest.mark.parametrize("delay", [2, 0])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_tvlars_official_three_steps(foreach):
+def test_tvlars_official_three_steps(foreach, delay):
     weight, bias, grads = make_problem(1)
     weight *= 8.0  # ||w|| > 10: the official code clamps it
     lmbda = 0.2
-    got = run_ours(
-        lambda p: TVLARS(
-            p,
-            lr=LR,
-            momentum=MU,
-            weight_decay=WD,
-            eta=ETA,
-            lmbda=lmbda,
-            variant="official",
-            foreach=foreach,
-        ),
-        weight,
-        bias,
-        grads,
-    )
+    optimizers = []
 
-    expected = []
+    def build(p):
+        optimizers.append(
+            TVLARS(
+                p,
+                lr=LR,
+                momentum=MU,
+                weight_decay=WD,
+                eta=ETA,
+                lmbda=lmbda,
+                delay_steps=delay,
+                variant="official",
+                foreach=foreach,
+            )
+        )
+        return optimizers[-1]
+
+    got = run_ours(build, weight, bias, grads)
+
+    expected, phases = [], []
     for w0, adapted, index in ((weight, True, 0), (bias, False, 1)):
         w, buf = w0.clone(), torch.zeros_like(w0)
         for t, step_grads in enumerate(grads):
@@ -119,15 +126,23 @@ def test_tvlars_official_three_steps(foreach):
             d = g + WD * w if adapted else g
             if adapted:
                 wn, dn = min(norm(w), 10.0), min(norm(d), 10.0)
-                ratio = ETA / (0.1 + math.exp(lmbda * (t + 1))) * wn / dn
+                # KhoiDOO/tvlars 10bcfd2: plain LARS while int(step_cnt / steps_per_epoch) < delay
+                # epochs, then eta / (0.1 + exp(lmbda (step_cnt + 1))), step_cnt from the start.
+                in_delay = t < delay
+                phi = 1.0 if in_delay else 1.0 / (0.1 + math.exp(lmbda * (t + 1)))
+                phases.append("delay" if in_delay else "decay")
+                ratio = ETA * phi * wn / dn
             else:
                 ratio = 1.0
             buf = MU * buf + ratio * d
             w = w - LR * buf
         expected.append(w)
     assert norm(weight) > 10
+    assert phases == (["delay", "delay", "decay"] if delay else ["decay"] * 3)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+    # The factor of the last step: after the delay it is already 1 / (0.1 + e^(3 lmbda)).
+    assert optimizers[-1].last_phi == pytest.approx(1.0 / (0.1 + math.exp(3 * lmbda)))
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -473,7 +488,9 @@ def test_flags_are_keyword_only():
         dict(lr=1.0, lmbda=-1e-4),
         dict(lr=1.0, alpha=0.0),
         dict(lr=1.0, variant="nope"),
-        dict(lr=1.0, variant="official", delay_steps=5),
+        dict(lr=1.0, variant="official", alpha=0.5),
+        dict(lr=1.0, variant="official", gamma_min=0.1),
+        dict(lr=1.0, variant="official", delay_steps=-1),
         dict(lr=float("nan")),
     ],
 )

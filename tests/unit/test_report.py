@@ -6,7 +6,7 @@ import statistics
 import yaml
 
 from tvlars_scale.config import load_config
-from tvlars_scale.paper.report import main
+from tvlars_scale.paper.report import load_paper_table, main
 
 BASE = "configs/digits.yaml"
 
@@ -32,6 +32,9 @@ def row_of(markdown: str, prefix: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
+PAPER_HEADER = "task\tdataset\toptimizer\tglobal_batch_size\tlr\ttop1_percent"
+
+
 def test_report_renders_table_1_shape_with_seed_statistics(tmp_path, capsys):
     runs = tmp_path / "runs"
     tvlars_acc = [0.91, 0.93, 0.92]
@@ -40,6 +43,9 @@ def test_report_renders_table_1_shape_with_seed_statistics(tmp_path, capsys):
                  {"test_accuracy": acc})  # fmt: skip
     fake_run(runs, "lars", [*CIFAR, *LARS_WARMUP, "optim.lr=2"], {"test_accuracy": 0.88})
     fake_run(runs, "lars3", [*CIFAR, *LARS_WARMUP, "optim.lr=3"], {"test_accuracy": 0.95})
+    fake_run(runs, "adamw", [*CIFAR, "optim.name=adamw", "optim.lr=0.002",
+                             "schedule.name=warmup_cosine", "schedule.warmup_epochs=5"],
+             {"test_accuracy": 0.5})  # fmt: skip
     fake_run(
         runs,
         "bt",
@@ -50,11 +56,14 @@ def test_report_renders_table_1_shape_with_seed_statistics(tmp_path, capsys):
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text(load_config(BASE, CIFAR).to_yaml())
 
-    paper = tmp_path / "paper.yaml"
-    paper.write_text(yaml.safe_dump({"status": "test values", "results": [
-        {"task": "classification", "dataset": "cifar10", "batch": 512, "lr": 2,
-         "optimizer": "LARS", "top1": 90.5},
-    ]}))  # fmt: skip
+    paper = tmp_path / "paper.tsv"
+    paper.write_text(
+        "# source: test values\n"
+        f"{PAPER_HEADER}\n"
+        "classification\tcifar10\tlars\t512\t2\t90.5\n"
+        "classification\tcifar10\ttvlars\t512\t1\t80.25\n"
+        "barlow_twins\tcifar10\ttvlars\t512\t2\t60\n"
+    )
 
     assert main([str(runs), "--paper", str(paper)]) == 0
     out = capsys.readouterr().out
@@ -62,17 +71,72 @@ def test_report_renders_table_1_shape_with_seed_statistics(tmp_path, capsys):
     assert "### Barlow Twins (linear eval.): cifar10 / resnet18" in out
     header = row_of(out, "| B | LR")
     assert header == [
-        "B", "LR", "TVLARS (ours)", "TVLARS (paper)", "LARS (warm-up) (ours)",
-        "LARS (warm-up) (paper)",
+        "B", "LR",
+        "TVLARS (paper)", "TVLARS (ours)", "TVLARS (Δ)",
+        "LARS (warm-up) (paper)", "LARS (warm-up) (ours)", "LARS (warm-up) (Δ)",
+        "LAMB (warm-up) (paper)", "LAMB (warm-up) (ours)", "LAMB (warm-up) (Δ)",
+        "AdamW (warm-up) (ours)",
     ]  # fmt: skip
     mean, std = 100 * statistics.fmean(tvlars_acc), 100 * statistics.stdev(tvlars_acc)
-    assert row_of(out, "| 512 | 2 |") == [
-        "512", "2", f"**{mean:.2f} ± {std:.2f} (3)**", "n/a", "88.00", "90.50",
+    # A cell the paper holds but no run fills reads "no run"; one we ran but the paper lacks "—".
+    assert row_of(out, "| 512 | 1 |") == [
+        "512", "1", "80.25", "no run", "", "—", "no run", "", "—", "no run", "", "—",
     ]  # fmt: skip
-    assert row_of(out, "| 512 | 3 |") == ["512", "3", "—", "n/a", "95.00", "n/a"]
-    assert "70.00" in out  # the Barlow Twins run reports its linear-evaluation accuracy
+    assert row_of(out, "| 512 | 2 |") == [
+        "512", "2", "—", f"**{mean:.2f} ± {std:.2f} (3)**", "", "90.50", "88.00",
+        f"{88.0 - 90.5:+.2f}", "—", "no run", "", "—",
+    ]  # fmt: skip
+    assert row_of(out, "| 512 | 3 |")[2:8] == ["—", "no run", "", "—", "95.00", ""]
+    assert row_of(out, "| 512 | 0.002 |")[-1] == "50.00"
+    assert "70.00" in out and f"{70.0 - 60.0:+.2f}" in out  # Barlow Twins: linear eval. vs paper
     assert "Not finished (no metrics.json): 1 run(s)." in out
-    assert "6 finished runs" in out
+    assert "7 finished runs" in out
+    assert "Paper values: test values." in out
+    # Of the file's three cells, only (classification, TVLARS, 512, lr 1) has no run.
+    assert "No run yet for 1 of the paper's 3 cells:" in out
+    assert "- classification / cifar10 / TVLARS: all 1\n" in out
+
+
+def test_report_shows_the_papers_table_1_beside_a_run(tmp_path, capsys):
+    """The package's table1.tsv: CIFAR-10 / TVLARS / 16384 / lr 19 is 80.42 in the paper."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "tv", ["data.name=cifar10", "model.name=resnet18",
+                          "batch.global_batch_size=16384", *TVLARS, "optim.lr=19"],
+             {"test_accuracy": 0.7731})  # fmt: skip
+    assert main([str(runs)]) == 0
+    out = capsys.readouterr().out
+    row = row_of(out, "| 16384 | 19 |")
+    assert row[2:5] == ["80.42", "77.31", f"{77.31 - 80.42:+.2f}"]
+    assert row[5:8] == ["38.57", "no run", ""]  # LARS as printed in the paper
+    # Every (batch, lr) of the paper's CIFAR-10 classification grid has a row: 6 x 3.
+    section = out.split("### Classification: cifar10")[1].split("###")[0]
+    assert sum(line.startswith("| ") for line in section.splitlines()) == 1 + 18  # + header
+    assert "arXiv 2309.14053" in out
+    assert "No run yet for 215 of the paper's 216 cells:" in out
+    assert "- classification / cifar10 / TVLARS: " in out and "B=16384 lr 15, 17\n" in out
+    assert "- barlow_twins / tiny-imagenet / LAMB (warm-up): all 18" in out
+
+
+def test_paper_table_holds_216_distinct_cells_with_the_grids_shape():
+    values, source = load_paper_table()
+    assert len(values) == 216 and "2309.14053" in source
+    assert values[("classification", "cifar10", "tvlars", 16384, 19.0)] == 80.42
+    assert {k[:3] for k in values} == {
+        (t, d, o) for t in ("classification", "barlow_twins")
+        for d in ("cifar10", "tiny-imagenet") for o in ("tvlars", "lars", "lamb")
+    }  # fmt: skip
+
+
+def test_malformed_paper_table_exits_2(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, "tv", [*CIFAR, *TVLARS, "optim.lr=2"], {"test_accuracy": 0.9})
+    bad = tmp_path / "bad.tsv"
+    for text in ("task\tdataset\n", f"{PAPER_HEADER}\nclassification\tcifar10\ttvlars\t512\n",
+                 f"{PAPER_HEADER}\nclassification\tcifar10\ttvlars\t512\ttwo\t1\n"):  # fmt: skip
+        bad.write_text(text)
+        assert main([str(runs), "--paper", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("report error:") for line in err)
 
 
 def test_rows_by_batch_shows_each_optimizers_lr(tmp_path, capsys):

@@ -39,21 +39,45 @@ class TVLARS(LayerwiseOptimizer):
     ``exclude_1d`` also no weight decay: their step is :math:`\eta_0 \phi_t g`, so :math:`\phi_t` still
     schedules them, as warm-up schedules every parameter in LARS.
 
-    ``variant="official"`` reproduces the authors' public reference code instead.
+    ``variant="official"`` reproduces the authors' public code (github.com/KhoiDOO/tvlars,
+    ``opt/tvlars.py``) as it runs:
 
-    .. note:: Differences of the ``official`` variant from the paper:
+    .. math::
+        \phi_t = \begin{cases} 1 & t < d \quad (\text{plain LARS}) \\
+                 1 / (0.1 + e^{\lambda (t + 1)}) & t \ge d \end{cases}
 
-        * :math:`\phi_t = 1 / (0.1 + e^{\lambda (t + 1)})`: :math:`\alpha` fixed at 0.1, no delay and no
-          :math:`\gamma_{min}` (``alpha``, ``delay_steps`` and ``gamma_min`` must stay at their defaults);
-        * both norms are clamped to :math:`[0, 10]` before the ratio, and :math:`\phi_t` multiplies the
-          trust ratio only when both norms are positive (otherwise the ratio is exactly 1);
-        * heavy-ball momentum on the scaled direction:
-          :math:`b \leftarrow \mu b + \phi_t\, \text{trust}\, d`, :math:`w \leftarrow w - \eta_0 b`;
-        * excluded (1-D) layers step at the raw ``lr`` (ratio 1, no :math:`\phi_t`).
+    with :math:`d` = ``delay_steps`` and :math:`t` the optimizer step counted from the start of
+    training, not from the end of the delay (the code's ``step_cnt`` is never reset: at the first
+    step after the delay :math:`\phi` is already :math:`1 / (0.1 + e^{\lambda (d + 1)})`).
 
-        The ratio scales the direction before it enters the momentum (``buf = mu buf + ratio d;
-        w -= lr buf``), as in the reference code, not the buffer after it. Some revisions of that code also hold :math:`\phi_t` off (ratio without it) for the first
-        10 epochs; this variant follows the form without a delay.
+    .. note:: Which revision each form follows (checked against the repository's history):
+
+        * ``delay_steps > 0``: commit ``10bcfd2`` (2023-08-17, "update tvlars apply"), the code of
+          the paper's experiments (arXiv v1 is of September 2023). Its ``step(unit_step_cnt,
+          epoch_delay_cnt=10)`` takes plain LARS (ratio :math:`\eta \lVert w \rVert / \lVert d \rVert`,
+          no :math:`\phi`) while ``int(step_cnt / unit_step_cnt) < epoch_delay_cnt``, i.e. for
+          ``step_cnt < 10 * len(train_loader)``; ``clf.py`` and ``self_sl.py`` pass
+          ``unit_step_cnt=len(train_loader)``. So ``delay_steps`` counts optimizer steps (the
+          config's ``delay_epochs``, default 10, times the steps per epoch).
+        * ``delay_steps = 0`` (the constructor's default): the last revision, ``89c3291``
+          (2023-11-20, "update"), which drops the delay branch (it still accepts and ignores
+          ``unit_step_cnt`` / ``epoch_delay_cnt``); identical to ``10bcfd2`` with a zero delay.
+        * Earlier revisions differ and are not reproduced: ``7d15a5e`` .. ``fb40d72`` (2023-05-18)
+          raise a ``TypeError`` on their first step (``self.step`` used as a counter), so they do
+          not run at all; ``7a604b1`` .. ``d52d3bd`` (May-July 2023) use
+          :math:`\phi_t = e^{-\lambda (t + 1)}` (no 0.1) and ``d52d3bd`` no norm clamping.
+
+    Differences of the ``official`` variant from the paper:
+
+    * :math:`\alpha` fixed at 0.1 (after the delay), no :math:`\gamma_{min}`; the step from the
+      delay to the decay is a jump, not a sigmoid (``alpha`` and ``gamma_min`` must stay at their
+      defaults);
+    * both norms are clamped to :math:`[0, 10]` before the ratio, and :math:`\phi_t` multiplies the
+      trust ratio only when both norms are positive (otherwise the ratio is exactly 1);
+    * heavy-ball momentum on the scaled direction:
+      :math:`b \leftarrow \mu b + \phi_t\, \text{trust}\, d`, :math:`w \leftarrow w - \eta_0 b`
+      (the ratio scales the direction before it enters the momentum, not the buffer after it);
+    * excluded (1-D) layers step at the raw ``lr`` (ratio 1, no :math:`\phi_t`).
 
     The step counter ``t`` is kept per tensor in ``state[p]["step"]`` and saved by ``state_dict``. The
     paper variant's ``state[p]["momentum_buffer"]`` holds :math:`m_t - m_{t-1}` (zero at the start),
@@ -67,7 +91,9 @@ class TVLARS(LayerwiseOptimizer):
         lr: target learning rate :math:`\eta_0`.
         momentum: :math:`\mu`. weight_decay: :math:`\beta`. eta: trust coefficient :math:`\eta`.
         lmbda: steepness :math:`\lambda` of the decay (paper: 1e-4 classification, 1e-5 Barlow Twins).
-        alpha, delay_steps, gamma_min: shape of :math:`\phi_t` (paper variant only).
+        alpha, gamma_min: shape of :math:`\phi_t` (paper variant only).
+        delay_steps: the delay :math:`d_e` in optimizer steps (paper: inside the sigmoid; official:
+            plain LARS before it, 0 for the no-delay form).
         variant: ``"paper"`` or ``"official"`` (keyword-only, like the flags below).
         exclude_1d: exclude layers of at most one dimension from adaptation and weight decay.
         foreach: ``True`` multi-tensor path, ``False`` per-tensor loop, ``None`` picks (see base).
@@ -99,10 +125,8 @@ class TVLARS(LayerwiseOptimizer):
             raise ValueError(f"alpha must be > 0, got {alpha}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if variant == "official" and (alpha, delay_steps, gamma_min) != (1.0, 0, 0.0):
-            raise ValueError(
-                "the official variant fixes alpha=0.1 and has no delay_steps or gamma_min"
-            )
+        if variant == "official" and (alpha, gamma_min) != (1.0, 0.0):
+            raise ValueError("the official variant fixes alpha=0.1 and has no gamma_min")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -121,6 +145,9 @@ class TVLARS(LayerwiseOptimizer):
     def phi(self, group: dict, step: int) -> float:
         """The factor :math:`\\phi_t` this group uses at optimizer step ``step``."""
         if group["variant"] == "official":
+            # Plain LARS during the delay: phi exactly 1 leaves eta * ||w|| / ||d|| as it is.
+            if step < group["delay_steps"]:
+                return 1.0
             return schedules.phi_official(step, group["lmbda"])
         return schedules.phi(
             step, group["lmbda"], group["alpha"], group["delay_steps"], group["gamma_min"]

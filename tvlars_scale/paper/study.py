@@ -1,0 +1,456 @@
+"""A grid study run in-process, with each solution's sharpness; its table and its figure.
+
+``run`` trains the runs of a grid YAML (:mod:`tvlars_scale.paper.grid`) one after another in this
+process with the package's :class:`~tvlars_scale.trainer.Trainer` (no process start per run: on a
+few CPU cores the runs are seconds each), skips finished ones (``metrics.json``), and writes each
+run's sharpness, the largest eigenvalue of the Hessian of its training loss at the final weights
+(:mod:`tvlars_scale.paper.sharpness`), into ``RUN_DIR/sharpness.json``. ``summarize`` reads the
+finished runs back (``config.yaml``, ``metrics.json``, ``sharpness.json``) into a table (markdown,
+CSV, JSON) and a plot of accuracy against batch size per optimizer::
+
+    OMP_NUM_THREADS=1 python -m tvlars_scale.paper.study run --grid configs/digits_regime.yaml \\
+        [--seeds 0 1 2] [--filter task=classification ...] [--budget-minutes 45]
+    python -m tvlars_scale.paper.study summarize runs/digits_regime --out results/digits_regime
+
+Runs go seed by seed (all of seed 0, then seed 1, ...), classification before Barlow Twins, so a
+study stopped by its time budget holds whole seeds, never a partial grid for one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from tvlars_scale.paper.grid import GridError, Run, format_number, load_grid, parse_filters, select
+
+SHARPNESS_FILE = "sharpness.json"
+LABELS_FILE = "labels.json"  # the grid's labels of the run (its optimizer setting's name)
+METRIC_BY_TASK = {"classification": "test_accuracy", "barlow_twins": "linear_test_accuracy"}
+TASK_ORDER = ("classification", "barlow_twins")
+TASK_TITLES = {"classification": "Classification", "barlow_twins": "Barlow Twins (linear eval.)"}
+
+
+def register_small_model() -> None:
+    """``digits_cnn_small``: the package's digits CNN at width 16 (24K parameters, ~1/4 the
+    compute of width 32), so the study's grid fits a CPU budget. Registered with timm once."""
+    import timm
+    from timm.models import register_model
+
+    from tvlars_scale.models import digits_cnn
+
+    if timm.is_model("digits_cnn_small"):
+        return
+
+    def digits_cnn_small(pretrained: bool = False, **kwargs):
+        return digits_cnn(pretrained, width=16, **kwargs)
+
+    register_model(digits_cnn_small)
+
+
+def ordered(runs: list[Run]) -> list[Run]:
+    """Seed-major: every run of seed 0 (classification first), then seed 1, ..."""
+
+    def key(run: Run) -> tuple:
+        task = run.labels["task"]
+        rank = TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER)
+        return int(run.labels["seed"]), rank
+
+    return sorted(runs, key=key)  # stable: the grid's order within a (seed, task)
+
+
+def measure_sharpness(trainer, *, samples: int, max_iterations: int, rtol: float) -> dict:
+    """Top Hessian eigenvalue of the task's training loss on the first ``samples`` training images,
+    one fixed draw of the training augmentation (the task's RNG is restored before every loss, so
+    each Hessian-vector product differentiates the same function), weights as trained."""
+    from tvlars_scale.paper.sharpness import top_hessian_eigenvalue
+
+    task, model = trainer.task, trainer.accelerator.unwrap_model(trainer.model)
+    images = trainer.data.train_images[:samples].to(trainer.accelerator.device)
+    labels = trainer.data.train_labels[:samples].to(trainer.accelerator.device)
+    rng = task.state_dict()
+    model.train()  # the training loss's function (Barlow Twins' projector: batch statistics)
+
+    def loss():
+        task.load_state_dict(rng)
+        return task.training_loss(model, images, labels)
+
+    started = time.perf_counter()
+    eigen = top_hessian_eigenvalue(
+        loss, list(model.parameters()), max_iterations=max_iterations, rtol=rtol
+    )
+    task.load_state_dict(rng)
+    return {
+        "top_eigenvalue": eigen.value,
+        "iterations": eigen.iterations,
+        "converged": eigen.converged,
+        "samples": len(labels),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class Preempted(Exception):
+    """A signal stopped a run early: the study stops too (run it again to resume)."""
+
+
+def run_one(run: Run, output_dir: Path, extra: list[str], sharpness: dict | None) -> dict:
+    from tvlars_scale.config import load_config
+    from tvlars_scale.trainer import Trainer
+
+    config = load_config(run.config, [*run.overrides, *extra, f"run.output_dir={output_dir}"])
+    trainer = Trainer(config)
+    trainer.setup()
+    try:
+        (output_dir / LABELS_FILE).write_text(json.dumps(run.labels) + "\n")
+        metrics = trainer.train()
+        if trainer.preemption.received is not None:
+            # SIGTERM / SIGUSR1: the trainer checkpointed and stopped early; so does the study
+            # (the run, without metrics.json, starts over next time).
+            raise Preempted(run.name)
+        if sharpness is not None:
+            result = measure_sharpness(trainer, **sharpness)
+            (output_dir / SHARPNESS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    finally:
+        trainer.close()
+    return metrics
+
+
+def run_study(args: argparse.Namespace) -> int:
+    register_small_model()
+    grid = load_grid(args.grid)
+    runs = select(grid.runs(), parse_filters(args.filter))
+    if args.seeds is not None:
+        runs = [run for run in runs if int(run.labels["seed"]) in args.seeds]
+    root = Path(args.output_root or grid.output_root)
+    if args.best_lr_only:
+        best = best_lrs(collect(root))
+        runs = [run for run in runs if best.get(_cell_key(run.labels)) == float(run.labels["lr"])]
+    runs = ordered(runs)
+    deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes else math.inf
+    sharpness = dict(samples=args.sharpness_samples, max_iterations=args.sharpness_iterations,
+                     rtol=args.sharpness_rtol)  # fmt: skip
+    failures = 0
+    for index, run in enumerate(runs, 1):
+        output_dir = root / run.name
+        done = (output_dir / "metrics.json").exists()
+        measure = int(run.labels["seed"]) in args.sharpness_seeds
+        if done and (not measure or (output_dir / SHARPNESS_FILE).exists()):
+            continue
+        if time.monotonic() > deadline:
+            print(f"budget spent: stopped before {run.name} ({len(runs) - index + 1} left)")
+            break
+        # No accumulation: the digits CNN has no batch statistics, so micro = global changes no
+        # gradient, and Barlow Twins' exact accumulation would only add forwards.
+        extra = [f"batch.micro_batch_size={run.labels['batch']}", "run.overwrite=true", *args.set]
+        started = time.perf_counter()
+        try:
+            metrics = run_one(run, output_dir, extra, sharpness if measure else None)
+        except Preempted:
+            print(f"[{index}/{len(runs)}] {run.name}: preempted; the study stops", flush=True)
+            return 1
+        except Exception as error:  # one failed run must not end the study
+            failures += 1
+            print(f"[{index}/{len(runs)}] {run.name}: FAILED: {error}", flush=True)
+            continue
+        final = metrics.get("final", {})
+        value = final.get(METRIC_BY_TASK.get(run.labels["task"], "test_accuracy"), float("nan"))
+        print(f"[{index}/{len(runs)}] {run.name}: top-1 {100 * value:.2f} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+    return 1 if failures else 0
+
+
+# --- summarize ---------------------------------------------------------------------------------
+
+
+def collect(root: Path) -> list[dict]:
+    """Every finished study run under ``root`` (``labels.json`` names its grid optimizer)."""
+    rows = []
+    for metrics_path in sorted(root.glob("*/metrics.json")):
+        run_dir = metrics_path.parent
+        if not (run_dir / LABELS_FILE).exists():
+            continue  # not a study run
+        labels = json.loads((run_dir / LABELS_FILE).read_text())
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        task = config["task"]["name"]
+        final = json.loads(metrics_path.read_text()).get("final", {})
+        sharp_path = run_dir / SHARPNESS_FILE
+        sharp = json.loads(sharp_path.read_text()) if sharp_path.exists() else {}
+        rows.append(
+            {
+                "task": task,
+                "optimizer": labels["optimizer"],
+                "batch": int(config["batch"]["global_batch_size"]),
+                "lr": float(config["optim"]["lr"]),
+                "seed": int(config["run"]["seed"]),
+                "top1": 100 * float(final.get(METRIC_BY_TASK.get(task, "test_accuracy"), math.nan)),
+                "sharpness": sharp.get("top_eigenvalue"),
+            }
+        )
+    return rows
+
+
+def _cell_key(labels: dict) -> tuple[str, str, int]:
+    return labels["task"], labels["optimizer"], int(labels["batch"])
+
+
+def best_lrs(rows: list[dict], seed: int = 0) -> dict[tuple[str, str, int], float]:
+    """(task, optimizer, batch) -> the target LR with the best top-1 of ``seed``'s runs (the
+    smaller LR on a tie). The LR is chosen on one seed; further seeds then run at that LR only,
+    so their accuracies are not themselves selected."""
+    best: dict[tuple[str, str, int], tuple[float, float]] = {}
+    for row in rows:
+        if row["seed"] != seed or math.isnan(row["top1"]):
+            continue
+        key, candidate = _cell_key(row), (row["top1"], -row["lr"])
+        if key not in best or candidate > best[key]:
+            best[key] = candidate
+    return {key: -negative_lr for key, (_, negative_lr) in best.items()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (task, optimizer, batch, lr): mean / std over seeds, and the best LR marked
+    (the best top-1 of seed 0 among the batch's three LRs: :func:`best_lrs`)."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["optimizer"], row["batch"], row["lr"])].append(row)
+    cells = []
+    for (task, optimizer, batch, lr), members in groups.items():
+        top1, top1_std = _mean_std([m["top1"] for m in members])
+        sharp = [m["sharpness"] for m in members if m["sharpness"] is not None]
+        cells.append(
+            {
+                "task": task, "optimizer": optimizer, "batch": batch, "lr": lr,
+                "seeds": len(members), "top1_mean": round(top1, 3), "top1_std": round(top1_std, 3),
+                "sharpness_mean": round(statistics.fmean(sharp), 4) if sharp else None,
+                "sharpness_runs": len(sharp), "best_lr": False,
+            }
+        )  # fmt: skip
+    chosen = best_lrs(rows)
+    for cell in cells:
+        cell["best_lr"] = chosen.get(_cell_key(cell)) == cell["lr"]
+    return sorted(cells, key=lambda c: (c["task"], c["optimizer"], c["batch"], c["lr"]))
+
+
+def _accuracy(cell: dict) -> str:
+    """``mean ± std (seeds)``; one seed has no spread to show: ``value (1)``."""
+    if cell["seeds"] == 1:
+        return f"{cell['top1_mean']:.2f} (1)"
+    return f"{cell['top1_mean']:.2f} ± {cell['top1_std']:.2f} ({cell['seeds']})"
+
+
+def render_markdown(cells: list[dict], optimizers: list[str]) -> str:
+    out = []
+    tasks = [t for t in TASK_ORDER if any(c["task"] == t for c in cells)]
+    for task in tasks:
+        mine = [c for c in cells if c["task"] == task]
+        batches = sorted({c["batch"] for c in mine})
+        present = [o for o in optimizers if any(c["optimizer"] == o for c in mine)]
+        out += [f"### {TASK_TITLES.get(task, task)}: best of three target LRs per cell", ""]
+        out += ["| optimizer | " + " | ".join(f"B={b}" for b in batches) + " |"]
+        out += ["|---|" + "---|" * len(batches)]
+        for optimizer in present:
+            line = [optimizer]
+            for batch in batches:
+                best = [c for c in mine if (c["optimizer"], c["batch"], c["best_lr"]) ==
+                        (optimizer, batch, True)]  # fmt: skip
+                if not best:
+                    line.append("—")
+                    continue
+                c = best[0]
+                sharp = (
+                    f"; λmax {c['sharpness_mean']:.3g}" if c["sharpness_mean"] is not None else ""
+                )
+                line.append(f"{_accuracy(c)} "
+                            f"@ lr {format_number(c['lr'])}{sharp}")  # fmt: skip
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+        out += [f"#### {TASK_TITLES.get(task, task)}: every cell", ""]
+        out += ["| optimizer | B | lr | top-1 % (mean ± std, seeds) | sharpness λmax (runs) |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for c in sorted(mine, key=lambda c: (present.index(c["optimizer"]), c["batch"], c["lr"])):
+            sharp = (f"{c['sharpness_mean']:.4g} ({c['sharpness_runs']})"
+                     if c["sharpness_mean"] is not None else "—")  # fmt: skip
+            mark = " *" if c["best_lr"] else ""
+            out.append(f"| {c['optimizer']} | {c['batch']} | {format_number(c['lr'])}{mark} | "
+                       f"{_accuracy(c)} | {sharp} |")  # fmt: skip
+        out.append("")
+    out.append("Top-1 accuracy (%) on the 360 test images; classification: the classifier, Barlow "
+               "Twins: a linear classifier on the frozen backbone. λmax: the largest Hessian "
+               "eigenvalue of the training loss at the final weights (mean over the runs that "
+               "measured it). * = the best LR of its batch.")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def plot(
+    cells: list[dict], optimizers: list[str], path: Path, reference: float | None = None
+) -> None:
+    """Accuracy at each cell's best LR against batch size, one line per optimizer, one panel per
+    task; ``reference``: Barlow Twins' random-init linear evaluation (mean over seeds), dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASK_ORDER if any(c["task"] == t for c in cells)]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for optimizer in optimizers:
+            best = sorted((c for c in cells if c["task"] == task and c["optimizer"] == optimizer
+                           and c["best_lr"]), key=lambda c: c["batch"])  # fmt: skip
+            if not best:
+                continue
+            xs = [c["batch"] for c in best]
+            axis.errorbar(xs, [c["top1_mean"] for c in best], yerr=[c["top1_std"] for c in best],
+                          marker="o", capsize=3, label=optimizer)  # fmt: skip
+        if task == "barlow_twins" and reference is not None:
+            axis.axhline(
+                reference, color="grey", linestyle="--", label="random init (no pretraining)"
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("global batch size")
+        axis.set_ylabel("top-1 accuracy (%), best of 3 LRs")
+        axis.set_title(TASK_TITLES.get(task, task))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def coverage(rows: list[dict], grid_cells: set[tuple]) -> tuple[list[dict], list[str]]:
+    """The rows kept and one line per (task, seed) saying what it covers. Seed 0 is kept as it
+    is (every LR, or the cells it has); a further seed only when it covers every cell's best LR
+    (a seed stopped half-way by the time budget is dropped, so no cell mixes seed counts)."""
+    best = best_lrs(rows)
+    kept, lines = [], []
+    tasks = sorted({row["task"] for row in rows}, key=lambda t: (t not in TASK_ORDER, t))
+    for task in tasks:
+        full = {c for c in grid_cells if c[0] == task}
+        chosen = {(*key, lr) for key, lr in best.items() if key[0] == task}
+        for seed in sorted({row["seed"] for row in rows if row["task"] == task}):
+            mine = [row for row in rows if (row["task"], row["seed"]) == (task, seed)]
+            have = {(*_cell_key(row), row["lr"]) for row in mine}
+            if have >= full:
+                what, keep = f"all {len(full)} cells (every target LR)", True
+            elif seed == 0:
+                what, keep = f"{len(have & full)} of {len(full)} cells (INCOMPLETE)", True
+            elif have >= chosen:
+                what, keep = f"the best LR of each of the {len(chosen)} (optimizer, batch)", True
+            else:
+                what, keep = f"{len(have)} runs, not every best-LR cell: dropped", False
+            lines.append(f"- {TASK_TITLES.get(task, task)}, seed {seed}: {what}")
+            kept += mine if keep else []
+    return kept, lines
+
+
+def random_init_reference(grid, seeds: list[int]) -> dict[int, float]:
+    """Barlow Twins' linear evaluation (top-1 %) of the backbone at its initialisation, per seed:
+    the score a pretraining must beat to have learnt anything. The initial model depends on the
+    seed and the model only, so any Barlow Twins run of the seed defines it."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from tvlars_scale.config import load_config
+    from tvlars_scale.data import load_image_data
+    from tvlars_scale.tasks import build_task
+
+    register_small_model()
+    reference = {}
+    for seed in seeds:
+        runs = select(grid.runs(), {"task": {"barlow_twins"}, "seed": {str(seed)}})
+        if not runs:
+            continue
+        config = load_config(runs[0].config, list(runs[0].overrides))
+        data = load_image_data(config.data.name)
+        set_seed(config.run.seed)  # as the trainer seeds before it builds the model
+        task = build_task(config, data, 0)
+        model = task.build_model().eval()
+        with torch.no_grad():
+            outputs = task.eval_outputs(model, data.test_images, data.test_labels)
+            reference[seed] = 100 * task.eval_metrics(outputs)["linear_test_accuracy"]
+    return reference
+
+
+def summarize(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid)
+    optimizers = list(grid.optimizers)
+    rows = collect(args.runs_dir)
+    if not rows:
+        print(f"study error: {args.runs_dir}: no finished runs", file=sys.stderr)
+        return 2
+    grid_cells = {(*_cell_key(run.labels), float(run.labels["lr"])) for run in grid.runs()}
+    rows, lines = coverage(rows, grid_cells)
+    cells = aggregate(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    bt_seeds = sorted({row["seed"] for row in rows if row["task"] == "barlow_twins"})
+    reference = random_init_reference(grid, bt_seeds) if bt_seeds else {}
+    if reference:
+        values = ", ".join(f"{value:.2f} (seed {seed})" for seed, value in reference.items())
+        lines.append(f"- Barlow Twins reference: the same linear evaluation of the backbone at "
+                     f"its random initialisation (no pretraining): {values}")  # fmt: skip
+    seeds_note = "\n".join(["", "Runs per task and seed:", *lines, ""])
+    (args.out / "table.md").write_text(render_markdown(cells, optimizers) + seeds_note)
+    with open(args.out / "table.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(cells[0]))
+        writer.writeheader()
+        writer.writerows(cells)
+    (args.out / "runs.json").write_text(json.dumps(rows, indent=0) + "\n")
+    (args.out / "table.json").write_text(json.dumps(cells, indent=1) + "\n")
+    mean_reference = statistics.fmean(reference.values()) if reference else None
+    plot(cells, optimizers, args.out / "accuracy_vs_batch.png", mean_reference)
+    expected = len(select(grid.runs(), {}))
+    print(f"{len(rows)} finished runs of the grid's {expected}; wrote table.md, table.csv, "
+          f"table.json, runs.json, accuracy_vs_batch.png to {args.out}")  # fmt: skip
+    return 0
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2
+        raise GridError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _ArgumentParser(prog="python -m tvlars_scale.paper.study",
+                             description=__doc__.splitlines()[0])  # fmt: skip
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="train the grid's unfinished runs in this process")
+    run.add_argument("--grid", default="configs/digits_regime.yaml")
+    run.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--output-root", help="run directories' root (default: the grid's)")
+    run.add_argument("--seeds", type=int, nargs="+", help="only these seeds (default: the grid's)")
+    run.add_argument("--best-lr-only", action="store_true",
+                     help="only each (task, optimizer, batch)'s best LR on seed 0 (finished runs)")  # fmt: skip
+    run.add_argument("--budget-minutes", type=float, help="start no run after this many minutes")
+    run.add_argument("--sharpness-seeds", type=int, nargs="*", default=[0],
+                     help="seeds whose runs measure sharpness (default: 0)")  # fmt: skip
+    run.add_argument("--sharpness-samples", type=int, default=256)
+    run.add_argument("--sharpness-iterations", type=int, default=20)
+    run.add_argument("--sharpness-rtol", type=float, default=1e-2)
+    summary = sub.add_parser("summarize", help="table + plot of the finished runs")
+    summary.add_argument("runs_dir", type=Path)
+    summary.add_argument("--grid", default="configs/digits_regime.yaml")
+    summary.add_argument("--out", type=Path, required=True)
+    try:
+        args = parser.parse_args(argv)
+        return run_study(args) if args.action == "run" else summarize(args)
+    except GridError as error:
+        print(f"study error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
