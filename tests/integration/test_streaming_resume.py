@@ -1,4 +1,4 @@
-"""End to end: ``accelerate launch`` with ZeRO-2 on two ranks trains a ResNet (timm's nf_resnet26) on a generated 64 px
+"""End to end: ``accelerate launch`` with ZeRO-2 on two ranks trains a ResNet-18 (BatchNorm) on a generated 64 px
 image-folder tree read through the streaming path (2 decode workers per rank), is SIGKILLed
 mid-epoch, resumes with ``checkpoint.resume=auto`` and ends BITWISE equal to the uninterrupted run:
 model, every rank's optimizer partition, random states and trainer state (loader position
@@ -56,10 +56,9 @@ def write_config(directory: Path, tree: Path, run_dir: Path) -> Path:
             "crop_scale": [0.25, 1.0],
             "num_workers": 2,
         },
-        # A normalizer-free ResNet: BatchNorm running statistics are per rank under ZeRO (no buffer
-        # broadcast as in DDP) and a checkpoint holds rank 0's, so a BN model's evaluation after a
-        # resume differs on rank 1 -- a checkpoint matter, reported, not this data path's.
-        "model": {"name": "nf_resnet26"},
+        # BatchNorm: its running statistics are per rank under ZeRO (no buffer broadcast as in DDP),
+        # so the evaluation after the resume matches only if every rank gets its own back.
+        "model": {"name": "resnet18"},
         "batch": {"global_batch_size": 16, "micro_batch_size": 4},
         "optim": {"name": "lars", "lr": 2.0, "weight_decay": 5.0e-5},
         "schedule": {"name": "poly", "warmup_epochs": 0.5, "power": 2.0},

@@ -15,12 +15,15 @@ A checkpoint ``<run>/checkpoints/step-N/`` holds:
     the resolved config, the reference for the resume policy (:mod:`.policy`).
 ``rank-<r>.pt`` (every rank)
     rank ``r``'s random states (Python, NumPy, torch CPU and CUDA, the task's augmentation
-    generators) and the optimizer state and fp32 master weights it holds, per named layer
-    (:mod:`.layer_state`).
+    generators), its model buffers, and the optimizer state and fp32 master weights it holds, per
+    named layer (:mod:`.layer_state`). The buffers are per rank because only DDP broadcasts rank 0's
+    every forward: under DeepSpeed and FSDP2 each rank's BatchNorm statistics follow its own data,
+    and a resume that gave every rank rank 0's would evaluate and train on differently.
 
 Restoring on the same number of ranks continues bitwise. On another number of ranks, the model,
 optimizer state and data position load exactly; a rank that existed before continues its own random
-streams, a new rank keeps the fresh streams it was seeded with (said once on the main process).
+streams and buffers, a new rank keeps the fresh streams it was seeded with and the main process's
+buffers (said once on the main process).
 """
 
 from __future__ import annotations
@@ -176,6 +179,16 @@ class Checkpointer:
             else:
                 tensor.copy_(value)
 
+    @torch.no_grad()
+    def _load_buffers(self, saved: dict) -> None:
+        """This rank's own buffers (BatchNorm statistics), over the main process's in ``model.pt``."""
+        current = dict(self.module.named_buffers())
+        if current.keys() != saved.keys():
+            missing, unexpected = current.keys() - saved.keys(), saved.keys() - current.keys()
+            raise ValueError(f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, buffer in current.items():
+            buffer.copy_(saved[name])
+
     @contextlib.contextmanager
     def _full_parameters(self, modifier_rank: int | None):
         """Whole parameters inside the block: ZeRO-3 gathers them (a no-op for other settings)."""
@@ -214,6 +227,7 @@ class Checkpointer:
         rank_payload = {
             "rng": capture_rng_state(),
             "task": self.task.state_dict(),
+            "buffers": {k: v.detach().clone() for k, v in self.module.named_buffers()},
             "layers": capture_layer_state(self.optimizer, self.layout, owner=self._owner()),
         }
         shared = {
@@ -258,6 +272,8 @@ class Checkpointer:
                 restore_rng_state(payloads[rank]["rng"])
                 piece = f"the task state in {rank_file(rank)}"
                 self.task.load_state_dict(payloads[rank]["task"])
+                piece = f"the model buffers in {rank_file(rank)}"
+                self._load_buffers(payloads[rank]["buffers"])
             piece = TRAINER_FILE
             trainer_state = load_file(info.path, TRAINER_FILE)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
