@@ -37,7 +37,7 @@ CASES = [
     ("zero epochs", "good.yaml", ["run.num_epochs=0"], "run.num_epochs"),
     ("lmbda < 0", "good.yaml", ["optim.lmbda=-1e-4"], "optim.lmbda"),
     ("momentum = 1", "good.yaml", ["optim.momentum=1.0"], "optim.momentum"),
-    ("unknown optimizer", "good.yaml", ["optim.name=adamw"], "optim.name"),
+    ("unknown optimizer", "good.yaml", ["optim.name=adam"], "optim.name"),
     ("unknown dataset", "good.yaml", ["data.name=mnist"], "data.name"),
     ("unknown task", "good.yaml", ["task.name=detection"], "task.name"),
     ("unknown model", "good.yaml", ["model.name=resnet_imaginary", NEW], "model.name"),

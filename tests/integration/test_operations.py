@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from launching import REPO_ROOT, accelerate_launcher, train_command, trainer_env
 
 QUICK_START = "configs/digits.yaml"
@@ -30,6 +31,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.mark.long  # ~60 s: dry runs through real launches
 def test_dry_run_prints_the_plan_for_the_launch_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     zero2 = accelerate_launcher("accelerate_zero2.yaml")
@@ -64,6 +66,7 @@ def test_dry_run_prints_the_plan_for_the_launch_and_writes_nothing(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.long  # ~80 s: a live training run held while the second launch is refused
 def test_a_second_launch_on_a_live_run_directory_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     args = (f"run.output_dir={run_dir}", "run.num_epochs=60", "checkpoint.every_steps=50")

@@ -229,9 +229,12 @@ def reference(workspace):
     return get
 
 
-# DDP (~100 s) sits between the one-process and ZeRO-2 cases: `pytest -m long` runs it.
+# ZeRO-2 (the strictest: every rank's partition) in the default run; one process and DDP (~100 s
+# each) with `pytest -m long`.
 @pytest.mark.parametrize(
-    "setting", [SINGLE, pytest.param(DDP, marks=pytest.mark.long), ZERO2], ids=lambda s: s.name
+    "setting",
+    [pytest.param(s, marks=pytest.mark.long) for s in (SINGLE, DDP)] + [ZERO2],
+    ids=lambda s: s.name,
 )
 def test_killed_and_preempted_runs_resume_bitwise(setting, reference, workspace):
     _, reference_dir = reference(setting)
@@ -302,6 +305,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 LOSS_RTOL = 1e-4
 
 
+@pytest.mark.long  # ~45 s
 def test_zero2_resumes_on_one_rank_and_back_on_two(reference, workspace):
     _, reference_dir = reference(ZERO2)
     run_dir = workspace / "resized"

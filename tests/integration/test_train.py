@@ -192,6 +192,7 @@ def test_accumulation_matches_one_big_micro_batch(tmp_path, fresh_accelerate_sta
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.long  # ~35 s; the 16K plan itself is unit-tested in test_batching.py
 def test_effective_batch_16384_on_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
@@ -215,6 +216,7 @@ def test_effective_batch_16384_on_two_ranks(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.long  # ~45 s
 def test_bf16_under_zero2(tmp_path):
     # DeepSpeed keeps bf16 weights and does not cast inputs: the trainer autocasts the forward.
     run_dir = tmp_path / "run"
@@ -241,6 +243,8 @@ def _cli_error(tmp_path: Path, *overrides: str) -> tuple[str, Path]:
     return result.stderr.strip(), run_dir
 
 
+# ~12 s each; the same four cases run in one process in test_resume.py's bad-input corpus.
+@pytest.mark.long
 @pytest.mark.parametrize(
     ("overrides", "line_start"),
     [
