@@ -579,3 +579,43 @@ def test_gradients_are_finite():
     for bad in (float("nan"), float("inf"), -float("inf")):
         params[1].grad = torch.tensor([0.0, bad])
         assert not gradients_are_finite(params)
+
+
+def test_each_rank_gets_its_own_buffers_back_and_old_checkpoints_still_load(tmp_path):
+    """Under DeepSpeed and FSDP2 each rank's BatchNorm statistics are its own; model.pt holds the main
+    process's. A rank restores the statistics of its rank file; a checkpoint without them (written
+    before they were saved) restores model.pt's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    optimizer = TVLARS(layerwise_param_groups(model, 5e-4), lr=1.0)
+    model(torch.randn(8, 4))  # the running statistics move away from their initial values
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.NO,
+        unwrap_model=lambda wrapped: wrapped,
+        process_index=0,
+        num_processes=1,
+        is_main_process=True,
+        wait_for_everyone=_no_barrier,
+    )
+    task = SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None)
+    position = {"state": {"epoch": 0, "num_samples": 8}}
+    train_state = SimpleNamespace(state_dict=lambda: position, load_state_dict=lambda state: None)
+    checkpointer = Checkpointer(
+        accelerator, model, optimizer, task, tmp_path, keep_last=2, train_state=train_state
+    )
+    info = directory.read_manifest(checkpointer.save(1))
+    own = model[1].running_mean.clone()
+
+    # model.pt as another rank (the main process) saw it: other statistics.
+    main_state = directory.load_file(info.path, "model.pt")
+    main_state["1.running_mean"] = main_state["1.running_mean"] + 100.0
+    torch.save(main_state, info.path / "model.pt")
+    model[1].running_mean.zero_()
+    checkpointer.restore(info, print)
+    assert torch.equal(model[1].running_mean, own)
+
+    payload = directory.load_file(info.path, rank_file(0))
+    del payload["buffers"]
+    torch.save(payload, info.path / rank_file(0))
+    checkpointer.restore(info, print)
+    assert torch.equal(model[1].running_mean, own + 100.0)

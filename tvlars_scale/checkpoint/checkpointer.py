@@ -272,8 +272,9 @@ class Checkpointer:
                 restore_rng_state(payloads[rank]["rng"])
                 piece = f"the task state in {rank_file(rank)}"
                 self.task.load_state_dict(payloads[rank]["task"])
-                piece = f"the model buffers in {rank_file(rank)}"
-                self._load_buffers(payloads[rank]["buffers"])
+                if "buffers" in payloads[rank]:  # checkpoints written before 2026-12 lack them
+                    piece = f"the model buffers in {rank_file(rank)}"
+                    self._load_buffers(payloads[rank]["buffers"])
             piece = TRAINER_FILE
             trainer_state = load_file(info.path, TRAINER_FILE)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
