@@ -27,15 +27,7 @@ def load_hub_images(
     Returns ``(train_images, train_labels, test_images, test_labels, num_classes)``.
     """
     splits = open_splits(name, source)
-    if "train" not in splits:
-        raise DataError(f"{name}: '{source}' has no 'train' split (splits: {', '.join(splits)})")
-    test_split = next((s for s in TEST_SPLITS if s in splits), None)
-    if test_split is None:
-        raise DataError(
-            f"{name}: '{source}' has no test split named {' / '.join(TEST_SPLITS)} "
-            f"(splits: {', '.join(splits)})"
-        )
-    train, test = splits["train"], splits[test_split]
+    train, test = splits["train"], splits[eval_split_name(name, source, splits, TEST_SPLITS)]
     image_column, label_column = image_label_columns(name, source, train)
     mode = "RGB" if in_chans == 3 else "L"
     train_x, train_y = _decode(train, image_column, label_column, mode, side)
@@ -46,6 +38,21 @@ def load_hub_images(
     else:
         num_classes = int(train_y.max()) + 1  # host sync: CPU tensor, once at load time
     return train_x, train_y, test_x, test_y, num_classes
+
+
+def eval_split_name(
+    name: str, source: str, splits: datasets.DatasetDict, candidates: tuple[str, ...]
+) -> str:
+    """The first of ``candidates`` that ``splits`` holds; DataError if it has no train split or none."""
+    if "train" not in splits:
+        raise DataError(f"{name}: '{source}' has no 'train' split (splits: {', '.join(splits)})")
+    found = next((s for s in candidates if s in splits), None)
+    if found is None:
+        raise DataError(
+            f"{name}: '{source}' has no test split named {' / '.join(candidates)} "
+            f"(splits: {', '.join(splits)})"
+        )
+    return found
 
 
 def open_splits(name: str, source: str) -> datasets.DatasetDict:

@@ -145,17 +145,10 @@ def open_streaming(name: str, path: str, image_size: int) -> StreamingData:
         raise DataError(f"{name}: no such directory '{path}'")
     if os.path.isdir(path) and (_is_folder_tree(path) or not _has_dataset_files(path)):
         return _open_folder(name, path, image_size)
-    from tvlars_scale.data.hub import image_label_columns, open_splits
+    from tvlars_scale.data.hub import eval_split_name, image_label_columns, open_splits
 
     splits = open_splits(name, path)
-    if "train" not in splits:
-        raise DataError(f"{name}: '{path}' has no 'train' split (splits: {', '.join(splits)})")
-    test_name = next((s for s in EVAL_SPLITS if s in splits), None)
-    if test_name is None:
-        raise DataError(
-            f"{name}: '{path}' has no evaluation split named {' / '.join(EVAL_SPLITS)} "
-            f"(splits: {', '.join(splits)})"
-        )
+    test_name = eval_split_name(name, path, splits, EVAL_SPLITS)
     train_split = splits["train"]
     image_column, label_column = image_label_columns(name, path, train_split)
     train = ArrowSource(train_split, image_column, label_column, f"{path} train")
