@@ -10,8 +10,6 @@ import tiny_training
 import torch
 from multiproc import run_ranks
 
-from tvlars_scale.checkpoint.layer_state import restore_layer_state, unsharded_layout
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOLERANCE = 1e-5  # relative, fp32: the bar of the ZeRO tests
@@ -122,15 +120,9 @@ def test_unbound_optimizer_refuses_sharded_dtensors(ranks, mesh):
 def test_fsdp2_checkpoint_loads_on_one_process(ranks, mesh, optimizer_name):
     # Every rank's payload, as the trainer writes them: HSDP's second replica saves nothing.
     payloads = [r["layers"][optimizer_name] for r in members(ranks, mesh)]
-    model, optimizer = tiny_training.make_model_and_optimizer(optimizer_name)
-    restore_layer_state(optimizer, unsharded_layout(model, optimizer), payloads)
-    trained = ranks[0][mesh]["params"][optimizer_name]
-    for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), trained[name]), name
-        state = optimizer.state[p]
-        assert state["step"] == tiny_training.NUM_STEPS, name
-        for key in optimizer._buffers:
-            assert state[key].shape == p.shape and bool(state[key].isfinite().all()), name
+    tiny_training.assert_restores_on_one_process(
+        optimizer_name, payloads, ranks[0][mesh]["params"][optimizer_name]
+    )
 
 
 def test_one_process_checkpoint_loads_into_fsdp2(ranks):

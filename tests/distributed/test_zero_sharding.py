@@ -8,8 +8,6 @@ import torch
 import zero_worker
 from multiproc import run_ranks
 
-from tvlars_scale.checkpoint.layer_state import restore_layer_state, unsharded_layout
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOLERANCE = 1e-5  # relative, fp32
@@ -138,12 +136,6 @@ def test_sharded_checkpoint_loads_on_one_process(ranks, setting, optimizer_name)
     # The pieces' layer offsets come from the partition geometry alone, with no collective: the two
     # ranks' saved runs must tile every layer and rebuild the trained master weights exactly.
     payloads = [r["checkpoint"][setting, optimizer_name]["layers"] for r in ranks]
-    model, optimizer = tiny_training.make_model_and_optimizer(optimizer_name)
-    restore_layer_state(optimizer, unsharded_layout(model, optimizer), payloads)
-    trained = ranks[0]["params"][setting, optimizer_name]
-    for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), trained[name]), name
-        state = optimizer.state[p]
-        assert state["step"] == tiny_training.NUM_STEPS, name
-        for key in optimizer._buffers:
-            assert state[key].shape == p.shape and bool(state[key].isfinite().all()), name
+    tiny_training.assert_restores_on_one_process(
+        optimizer_name, payloads, ranks[0]["params"][setting, optimizer_name]
+    )

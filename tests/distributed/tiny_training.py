@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tvlars_scale.checkpoint.layer_state import restore_layer_state, unsharded_layout
 from tvlars_scale.optim import build_optimizer
 
 NUM_STEPS = 10
@@ -77,6 +78,21 @@ def make_model_and_optimizer(optimizer_name: str) -> tuple[nn.Module, torch.opti
     # Two parameter groups: >= 2-D weights (decayed, adapted) and 1-D parameters (neither).
     optimizer = build_optimizer(optimizer_name, model, **OPTIMIZER_SETTINGS[optimizer_name])
     return model, optimizer
+
+
+def assert_restores_on_one_process(
+    optimizer_name: str, payloads: list[dict], trained: dict[str, torch.Tensor]
+) -> None:
+    """Every rank's saved per-layer pieces rebuild the trained weights exactly in one unsharded
+    process, with ``NUM_STEPS`` step counters and finite buffers of the parameters' shapes."""
+    model, optimizer = make_model_and_optimizer(optimizer_name)
+    restore_layer_state(optimizer, unsharded_layout(model, optimizer), payloads)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name
+        state = optimizer.state[p]
+        assert state["step"] == NUM_STEPS, name
+        for key in optimizer._buffers:
+            assert state[key].shape == p.shape and bool(state[key].isfinite().all()), name
 
 
 def initial_parameters() -> dict[str, torch.Tensor]:
