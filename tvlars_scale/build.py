@@ -16,11 +16,14 @@ Every user error becomes a :class:`~tvlars_scale.config.ConfigError` naming the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from tvlars_scale.batching import BatchPlan, epochs_to_steps, plan_batches, scale_lr
@@ -34,8 +37,8 @@ from tvlars_scale.data import (
     StreamingLoader,
     Transform,
     load_image_data,
-    open_streaming,
 )
+from tvlars_scale.data.streaming import open_prepared, prepare_streaming
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
 from tvlars_scale.tasks import Task
@@ -63,24 +66,115 @@ def batch_plan(config: Config, world_size: int) -> BatchPlan:
     return plan_batches(config.batch.global_batch_size, config.batch.micro_batch_size, world_size)
 
 
-def image_data(config: Config) -> ImageData | StreamingData:
+def image_data(config: Config, accelerator: Accelerator | None = None) -> ImageData | StreamingData:
     """The dataset named by ``data``: decoded once into uint8 tensors, or opened for streaming
-    (labels and file index only; ``data.storage``)."""
+    (labels and file index only; ``data.storage``).
+
+    Under several processes the main process goes first -- it lists an image-folder tree into its
+    index file (unless a fresh one is there) or fills the ``datasets`` cache -- and the others then
+    map that index or load from that cache: no other rank lists the tree or downloads. Streaming,
+    one small collective then checks that every rank holds the same (sizes, content hash).
+    ``accelerator`` None: this process alone.
+    """
     data = config.data
     try:
         if data.streams():
             info = DATASETS[data.name]
             source = data.path or info.hub_id
-            return open_streaming(data.name, source, data.image_size or info.image_size)
-        return load_image_data(
-            data.name,
-            path=data.path,
-            num_synthetic=data.num_synthetic,
-            image_size=data.image_size,
-            seed=config.run.seed,
+            size = data.image_size or info.image_size
+
+            def prepare() -> str:
+                return prepare_streaming(data.name, source, data.index, say=_say_on_stderr)
+
+            def open_source(kind: str) -> StreamingData:
+                return open_prepared(data.name, source, size, kind, data.index)
+
+            streamed, failed = None, None
+            try:
+                streamed = _main_process_first(accelerator, prepare, open_source)
+            except DataError as error:  # still in the check: no rank waits for this one
+                failed = error
+            disagreement = _check_same_dataset(accelerator, data.name, streamed)
+            if failed or disagreement:
+                raise failed or DataError(disagreement)
+            return streamed
+        return _main_process_first(
+            accelerator,
+            lambda: None,
+            lambda _: load_image_data(
+                data.name,
+                path=data.path,
+                num_synthetic=data.num_synthetic,
+                image_size=data.image_size,
+                seed=config.run.seed,
+            ),
         )
     except DataError as error:
         raise ConfigError("data.path" if data.path else "data.name", str(error)) from None
+
+
+def _say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _main_process_first(
+    accelerator: Accelerator | None, prepare: Callable[[], Any], load: Callable[[Any], Any]
+) -> Any:
+    """``load(prepare())`` on the main process, THEN ``load`` of what it prepared on the others.
+
+    Accelerate's ``main_process_first`` would leave the others waiting at its barrier when the main
+    process fails (a bad path: every rank hangs until the collective timeout); here the main
+    process's outcome is broadcast and its error raised on every rank alike.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return load(prepare())
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            prepared = prepare()
+            loaded = load(prepared)
+            outcome = ("ok", prepared)
+        except DataError as error:
+            outcome = ("error", str(error))
+        except Exception as error:
+            outcome = ("failed", f"the main process failed to load the data: {error!r}")
+            # collective: broadcast of the outcome, so that the others stop too (below).
+            broadcast_object_list([outcome])
+            raise
+    # collective: broadcast of the main process's outcome (a picklable value or an error line);
+    # it is also the barrier that orders the loads.
+    [outcome] = broadcast_object_list([outcome])
+    status, value = outcome
+    if status == "error":
+        raise DataError(value)
+    if status == "failed":
+        raise RuntimeError(value)
+    return loaded if accelerator.is_main_process else load(value)
+
+
+def _check_same_dataset(
+    accelerator: Accelerator | None, name: str, data: StreamingData | None
+) -> str | None:
+    """Whether every rank holds the same (train size, test size, content hash) -- None -- or how
+    they differ: one all_reduce of six int64 (the maxima of the keys and of their negations, so
+    min == max on every field). A rank that could not open the data (None) takes part too."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+    key = torch.tensor(data.key if data else (-1, -1, 0), dtype=torch.int64)
+    extremes = torch.cat([key, -key]).to(accelerator.device)
+    # collective: all_reduce(MAX) of six int64, once at start-up.
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    high, low = extremes[:3].tolist(), (-extremes[3:]).tolist()  # host sync: once at start-up
+    if high == low:
+        return None
+    if low[0] < 0:
+        return f"{name}: another rank could not open the dataset (its error is in its log)"
+    contents = "; their contents differ" if high[2] != low[2] else ""
+    return (
+        f"{name}: the ranks opened different datasets ({low[0]}..{high[0]} train, "
+        f"{low[1]}..{high[1]} test images{contents}): data.path and data.index must name the "
+        "same files on every rank"
+    )
 
 
 def loaders(

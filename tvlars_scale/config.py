@@ -145,6 +145,10 @@ class DataConfig(_Section):
     bad_images: Literal["error", "skip"] = "error"
     """Streaming: a truncated or unreadable image stops the run with an error naming the file
     (error), or is replaced by the next readable sample of the dataset and counted (skip)."""
+    index: str | None = None
+    """Streaming an image-folder tree: its index file (the listing of the tree, written once by
+    rank 0 or ahead of the job by `tvlars-index ROOT --out FILE`, memory-mapped by every rank;
+    rebuilt when the tree changed); null: ROOT/tvlars-index.arrow. Must be readable by every rank."""
 
     def streams(self) -> bool:
         """Whether this dataset is read from disk while training (data.storage resolved)."""
@@ -153,7 +157,14 @@ class DataConfig(_Section):
         return self.storage == "stream"
 
 
-STREAMING_KEYS = ("crop_scale", "eval_resize", "num_workers", "prefetch_factor", "bad_images")
+STREAMING_KEYS = (
+    "crop_scale",
+    "eval_resize",
+    "num_workers",
+    "prefetch_factor",
+    "bad_images",
+    "index",
+)
 """DataConfig keys that only the streaming path reads."""
 
 

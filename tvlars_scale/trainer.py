@@ -66,7 +66,7 @@ class Trainer:
         self.plan = build.batch_plan(config, accelerator.num_processes)
         # The plan, not a launcher flag or the environment, decides the accumulation.
         accelerator.gradient_accumulation_steps = self.plan.grad_accum_steps
-        self.data = build.image_data(config)
+        self.data = build.image_data(config, accelerator)
         self.train_loader, self.eval_loader = build.loaders(
             self.data, self.plan, accelerator, run.seed, config.data
         )

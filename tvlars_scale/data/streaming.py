@@ -5,29 +5,48 @@ front. A source holds only what indexing needs -- every sample's label (``int64`
 ImageNet) and a way to fetch its encoded bytes -- and the bytes are read and decoded per sample in
 ``DataLoader`` workers (:mod:`tvlars_scale.data.stream_loader`):
 
-* :class:`FolderSource`: ``ROOT/<split>/<class>/<file>``; the relative paths are packed into ONE
-  ``bytes`` buffer plus an offset array, not a Python list of strings, so forked workers do not
-  touch (and copy) millions of reference-counted objects;
+* :class:`FolderSource`: ``ROOT/<split>/<class>/<file>``, read through the tree's index
+  (:mod:`tvlars_scale.data.index`: listed once, memory-mapped by every rank); the relative paths
+  are ONE packed byte buffer plus an offset array, not a Python list of strings, so forked workers
+  do not touch (and copy) millions of reference-counted objects;
 * :class:`ArrowSource`: a split of a ``datasets`` dataset (hub id such as ``ILSVRC/imagenet-1k``, a
   ``save_to_disk`` directory, Parquet files); Arrow tables are memory-mapped, so random access
   costs no resident memory beyond the pages read.
+
+Opening is two steps so that a job lists and downloads once: :func:`prepare_streaming` (the first
+process: lists the tree into its index, or fills the ``datasets`` cache) then :func:`open_prepared`
+(every rank: maps what the first prepared, lists nothing). :func:`open_streaming` does both in one
+process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
+from tvlars_scale.data.index import (
+    EVAL_SPLITS,
+    SplitIndex,
+    default_index_path,
+    open_or_build_index,
+    read_index,
+)
 from tvlars_scale.data.types import DataError
 
-__all__ = ["ArrowSource", "FolderSource", "StreamingData", "open_streaming"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-EVAL_SPLITS = ("val", "validation", "valid", "test")
-"""Evaluation split names, in order of preference (ImageNet's hub copy has an unlabelled test)."""
+__all__ = [
+    "ArrowSource",
+    "FolderSource",
+    "Kind",
+    "StreamingData",
+    "open_prepared",
+    "open_streaming",
+    "prepare_streaming",
+]
 # torchvision's ImageNet statistics, as MLPerf's reference and most ImageNet recipes use them: a
 # pass over 1.28M images to measure them again would cost as much as an epoch.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,39 +54,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FolderSource:
-    """One split of an image-folder tree: ``root/<class>/<file>``, classes by directory name."""
+    """One split of an image-folder tree: ``root/<class>/<file>``, its files from the tree's index."""
 
-    def __init__(self, root: str, classes: list[str]) -> None:
-        self.root = root
-        index = {name: label for label, name in enumerate(classes)}
-        paths: list[bytes] = []
-        labels: list[int] = []
-        for name in sorted(os.listdir(root)):
-            directory = os.path.join(root, name)
-            if not os.path.isdir(directory):
-                continue
-            if name not in index:
-                raise DataError(f"class directory '{directory}' is not a class of the train split")
-            files = sorted(
-                entry.name
-                for entry in os.scandir(directory)
-                if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            paths += [f"{name}/{file}".encode() for file in files]
-            labels += [index[name]] * len(files)
-        if not paths:
-            raise DataError(f"no image files under '{root}' (expected {root}/<class>/<image>)")
-        lengths = np.fromiter((len(p) for p in paths), dtype=np.int64, count=len(paths))
-        self._offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self._blob = b"".join(paths)
-        self.labels = np.asarray(labels, dtype=np.int64)
+    def __init__(self, root: str, split: SplitIndex, digest: str) -> None:
+        self.root, self._split, self.digest = root, split, digest
+        self.labels = split.labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def path(self, index: int) -> str:
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return os.path.join(self.root, self._blob[start:end].decode())
+        return os.path.join(self.root, self._split.relative_path(index))
 
     def read(self, index: int) -> bytes:
         with open(self.path(index), "rb") as file:
@@ -89,6 +86,7 @@ class ArrowSource:
         split = split.select_columns([image_column])
         self.split = split.cast_column(image_column, datasets.Image(decode=False))
         self.column = image_column
+        self.digest = hashlib.blake2b(self.labels.data, digest_size=16).hexdigest()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -122,6 +120,12 @@ class StreamingData:
     """Crop and flip happen in the loader's workers: the task only normalises on the device."""
 
     @property
+    def key(self) -> tuple[int, int, int]:
+        """``(train size, test size, content hash as int64)``: what every rank must hold alike."""
+        both = hashlib.blake2b(f"{self.train.digest} {self.test.digest}".encode(), digest_size=8)
+        return len(self.train), len(self.test), int.from_bytes(both.digest(), "little", signed=True)
+
+    @property
     def train_labels(self) -> torch.Tensor:
         return torch.from_numpy(self.train.labels)
 
@@ -130,21 +134,54 @@ class StreamingData:
         return torch.from_numpy(self.test.labels)
 
 
-def _folder_split(root: str, names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if os.path.isdir(os.path.join(root, n))), None)
-
-
 def _is_folder_tree(path: str) -> bool:
     train = os.path.join(path, "train")
     return os.path.isdir(train) and any(entry.is_dir() for entry in os.scandir(train))
 
 
-def open_streaming(name: str, path: str, image_size: int) -> StreamingData:
-    """Open ``path`` (image-folder root, ``save_to_disk`` directory, Parquet folder or hub id)."""
+Kind = Literal["folder", "arrow"]
+"""How a streaming source is opened: through an image-folder tree's index, or by ``datasets``."""
+
+
+def prepare_streaming(name: str, path: str, index: str | None = None, say=print) -> Kind:
+    """Run ONCE per job, before any rank opens ``path``: an image-folder tree is listed into its
+    index file (``index``, default ``path/tvlars-index.arrow``) unless a fresh one is there (then
+    nothing is listed). A ``datasets`` source needs nothing prepared: the process that opens it
+    first fills the ``datasets`` cache the others then read."""
     if not os.path.isdir(path) and path.startswith((os.sep, ".", "~")):
         raise DataError(f"{name}: no such directory '{path}'")
-    if os.path.isdir(path) and (_is_folder_tree(path) or not _has_dataset_files(path)):
-        return _open_folder(name, path, image_size)
+    if os.path.isdir(path) and (
+        os.path.exists(index or default_index_path(path))
+        or _is_folder_tree(path)
+        or not _has_dataset_files(path)
+    ):
+        open_or_build_index(name, path, index, say)
+        return "folder"
+    return "arrow"
+
+
+def open_prepared(
+    name: str, path: str, image_size: int, kind: Kind, index: str | None = None
+) -> StreamingData:
+    """Open what :func:`prepare_streaming` prepared, on any rank: maps the folder index (lists
+    nothing; ``index``, default in the tree's root) or loads the ``datasets`` source."""
+    if kind == "arrow":
+        return _open_arrow(name, path, image_size)
+    mapped = read_index(index or default_index_path(path))
+    train = FolderSource(os.path.join(path, "train"), mapped.train, mapped.digest)
+    test = FolderSource(os.path.join(path, mapped.eval_split), mapped.test, mapped.digest)
+    return StreamingData(train, test, len(mapped.classes), image_size, name)
+
+
+def open_streaming(
+    name: str, path: str, image_size: int, index: str | None = None
+) -> StreamingData:
+    """Open ``path`` (image-folder root, ``save_to_disk`` directory, Parquet folder or hub id) in
+    one process: :func:`prepare_streaming` then :func:`open_prepared`."""
+    return open_prepared(name, path, image_size, prepare_streaming(name, path, index), index)
+
+
+def _open_arrow(name: str, path: str, image_size: int) -> StreamingData:
     from tvlars_scale.data.hub import eval_split_name, image_label_columns, open_splits
 
     splits = open_splits(name, path)
@@ -166,21 +203,3 @@ def _has_dataset_files(path: str) -> bool:
         if any(f.endswith((".json", ".parquet", ".arrow", ".py", ".csv")) for f in files):
             return True
     return False
-
-
-def _open_folder(name: str, root: str, image_size: int) -> StreamingData:
-    if not os.path.isdir(os.path.join(root, "train")):
-        found = ", ".join(sorted(os.listdir(root))) or "nothing"
-        raise DataError(f"{name}: '{root}' has no 'train' directory (found: {found})")
-    test_dir = _folder_split(root, EVAL_SPLITS)
-    if test_dir is None:
-        raise DataError(
-            f"{name}: '{root}' has no evaluation directory named {' / '.join(EVAL_SPLITS)}"
-        )
-    train_root = os.path.join(root, "train")
-    classes = sorted(e.name for e in os.scandir(train_root) if e.is_dir())
-    if not classes:
-        raise DataError(f"{name}: '{train_root}' has no class directories")
-    train = FolderSource(train_root, classes)
-    test = FolderSource(os.path.join(root, test_dir), classes)
-    return StreamingData(train, test, len(classes), image_size, name)
