@@ -8,7 +8,10 @@ before anything is written; so do a run directory in use by another launch and a
 cannot be restored (``config error: checkpoint.resume: cannot restore <checkpoint>: <piece>: ...``).
 Too many optimizer steps in a row with NaN/Inf gradients print one line,
 ``training stopped: ...``, and exit with status 3 (the last checkpoint stays intact). A SIGTERM /
-SIGUSR1 saves a checkpoint at the next optimizer step and exits with status 0.
+SIGUSR1 saves a checkpoint at the next optimizer step and exits with status 0. An image that cannot be
+read while streaming under ``data.bad_images: error`` prints one line,
+``data error: unreadable image <file>: <reason> ...``, and exits with status 4 (the last checkpoint
+stays intact; under several ranks the rank that read it says so, the launcher stops the others).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         # Imported after validation: a config error is reported before the trainer and Accelerate
         # are imported (torch and timm are loaded already: tvlars_scale/__init__.py imports the
         # optimizers and registers them with timm).
+        from tvlars_scale.data.stream_loader import UnreadableImageError
         from tvlars_scale.trainer import Trainer
 
         trainer = Trainer(config)
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 trainer.setup()
                 trainer.train()
+        except UnreadableImageError as error:
+            # Only the rank that read the file knows: it says so, whatever its rank.
+            print("data error: " + " ".join(str(error).split()), file=sys.stderr)
+            return 4
         finally:
             trainer.close()
     except ConfigError as error:

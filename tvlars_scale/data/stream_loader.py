@@ -40,7 +40,7 @@ from tvlars_scale.data.decode import (
 from tvlars_scale.data.loader import PAD_LABEL, EpochShards
 from tvlars_scale.data.types import DataError
 
-__all__ = ["BAD_IMAGE_POLICIES", "StreamingLoader", "Transform"]
+__all__ = ["BAD_IMAGE_POLICIES", "StreamingLoader", "Transform", "UnreadableImageError"]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 MAX_REPLACEMENT_TRIES = 100  # a dataset with 100 unreadable files in a row is not worth training
@@ -93,48 +93,80 @@ class Transform:
         return decode_crop(data, box, self.size, flip=flip)
 
 
+class UnreadableImageError(DataError):
+    """An image could not be read under ``bad_images="error"``: the run stops (exit 4)."""
+
+
 class _MicroBatches(Dataset):
-    """Item ``k``: this rank's ``k``-th micro batch of the epoch, decoded (runs in a worker)."""
+    """Item ``(epoch, row, padding)``: one micro batch of this rank, decoded (runs in a worker).
 
-    def __init__(self, source, rows, padding, transform, epoch, bad_images) -> None:
-        self.source, self.rows, self.padding = source, rows, padding
-        self.transform, self.epoch, self.bad_images = transform, epoch, bad_images
+    The epoch travels with the item, not in the dataset: the workers are forked once and keep
+    this object across epochs (persistent workers).
+    """
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __init__(self, source, transform, bad_images) -> None:
+        self.source, self.transform, self.bad_images = source, transform, bad_images
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        row = self.rows[k]
+    def __getitem__(
+        self, item: tuple[int, np.ndarray, np.ndarray | None]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str], str | None]:
+        """``(images, labels, skipped, None)``, or ``(None, None, skipped, error)`` when an image
+        is unreadable under ``bad_images="error"``: the error crosses the process boundary as a
+        value, so the training process raises it as one line (the DataLoader would re-raise a
+        worker's exception with both tracebacks in its message)."""
+        epoch, row, padding = item
         size = self.transform.size
         images = torch.empty((len(row), 3, size, size), dtype=torch.uint8)
         labels = torch.empty(len(row), dtype=torch.int64)
         skipped: list[str] = []
-        for slot, index in enumerate(row):
-            used = self._sample(int(index), images, slot, skipped)
-            labels[slot] = int(self.source.labels[used])
-        if self.padding is not None:
-            labels.masked_fill_(torch.from_numpy(self.padding[k]), PAD_LABEL)
-        return images, labels, skipped
+        try:
+            for slot, index in enumerate(row):
+                used = self._sample(epoch, int(index), images, slot, skipped)
+                labels[slot] = int(self.source.labels[used])
+        except UnreadableImageError as error:
+            return None, None, skipped, str(error)
+        if padding is not None:
+            labels.masked_fill_(torch.from_numpy(padding), PAD_LABEL)
+        return images, labels, skipped, None
 
-    def _sample(self, index: int, images: torch.Tensor, slot: int, skipped: list[str]) -> int:
+    def _sample(
+        self, epoch: int, index: int, images: torch.Tensor, slot: int, skipped: list[str]
+    ) -> int:
         """Decode ``index`` into ``images[slot]``, or its replacement; returns the index used."""
         for attempt in range(MAX_REPLACEMENT_TRIES):
             candidate = (index + attempt) % len(self.source)
             try:
-                images[slot] = self.transform(self.source.read(candidate), self.epoch, candidate)
+                images[slot] = self.transform(self.source.read(candidate), epoch, candidate)
                 return candidate
             except (BadImageError, OSError) as error:
                 where = self.source.describe(candidate)
                 if self.bad_images == "error":
-                    raise DataError(
+                    raise UnreadableImageError(
                         f"unreadable image {where}: {error} (data.bad_images=skip replaces "
                         "such images by the next readable one and counts them)"
                     ) from None
                 skipped.append(f"{where} ({error})")
-        raise DataError(
+        raise UnreadableImageError(
             f"{MAX_REPLACEMENT_TRIES} unreadable images in a row from "
             f"{self.source.describe(index)}: is the dataset intact?"
         )
+
+
+class _RemainingMicroBatches:
+    """The DataLoader's sampler: the items of the micro batches left in the epoch, as of the last
+    :meth:`start` (the loader calls it before each pass)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.start_at = 0, 0
+        self.order, self.padding = np.empty((0, 0), np.int64), None
+
+    def start(self, epoch: int, start_at: int, order: np.ndarray, padding: np.ndarray | None):
+        self.epoch, self.start_at, self.order, self.padding = epoch, start_at, order, padding
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        epoch, order, padding = self.epoch, self.order, self.padding
+        for k in range(self.start_at, len(order)):
+            yield epoch, order[k], None if padding is None else padding[k]
 
 
 class StreamingLoader(EpochShards):
@@ -167,6 +199,8 @@ class StreamingLoader(EpochShards):
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.bad_images, self.device = bad_images, torch.device(device)
         self.skipped_images = 0
+        self._remaining = _RemainingMicroBatches()
+        self._loader: DataLoader | None = None  # built at the first pass, kept (its workers too)
         super().__init__(
             len(source),
             micro_batch_size,
@@ -185,30 +219,36 @@ class StreamingLoader(EpochShards):
         super().load_state_dict(state)
         self.skipped_images = state.get("skipped_images", 0)
 
-    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def _host_batches(
+        self,
+    ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str], str | None]]:
         order, is_padding = self.rank_order()
         padding = None if self.drop_last else is_padding.numpy()
-        dataset = _MicroBatches(
-            self.source, order.numpy(), padding, self.transform, self.epoch, self.bad_images
-        )
-        workers = self.num_workers
-        loader = DataLoader(
-            dataset,
-            batch_size=None,  # an item is a whole micro batch
-            sampler=range(self.position, len(self)),  # resume: start at the next micro batch
-            num_workers=workers,
-            prefetch_factor=self.prefetch_factor if workers else None,
-            pin_memory=self.device.type == "cuda",
-            # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from
-            # the global torch RNG, and a resumed run (one more iterator) would drift from the
-            # uninterrupted one. The seed is unused: augmentation is seeded per sample.
-            generator=torch.Generator().manual_seed(self.seed + self.epoch),
-            worker_init_fn=_fixed_mmap_threshold,
-        )
-        return iter(loader)
+        # resume: start at the next micro batch
+        self._remaining.start(self.epoch, self.position, order.numpy(), padding)
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = DataLoader(
+                _MicroBatches(self.source, self.transform, self.bad_images),
+                batch_size=None,  # an item is a whole micro batch
+                sampler=self._remaining,
+                num_workers=workers,
+                prefetch_factor=self.prefetch_factor if workers else None,
+                # Forked once, kept across epochs (and evaluations): an epoch at a 32K batch is
+                # 39 steps, so re-forking every epoch was a visible share of it. Nothing of an
+                # epoch lives in the workers: every item carries its epoch and sample indices.
+                persistent_workers=workers > 0,
+                pin_memory=self.device.type == "cuda",
+                # Its own generator: a DataLoader iterator otherwise draws its workers' base seed
+                # from the global torch RNG, and a resumed run (one more iterator) would drift from
+                # the uninterrupted one. The seed is unused: augmentation is seeded per sample.
+                generator=torch.Generator().manual_seed(self.seed),
+                worker_init_fn=_fixed_mmap_threshold,
+            )
+        return iter(self._loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, skipped in self._on_device(self._host_batches()):
+        for images, labels, skipped in self._on_device(_raise_unreadable(self._host_batches())):
             if skipped:
                 self.skipped_images += len(skipped)
                 for what in skipped:
@@ -244,3 +284,11 @@ class StreamingLoader(EpochShards):
             pending = ready
         if pending is not None:
             yield pending
+
+
+def _raise_unreadable(batches: Iterator) -> Iterator:
+    """``(images, labels, skipped)``; a worker's unreadable-image error raised here, in one line."""
+    for images, labels, skipped, error in batches:
+        if error is not None:
+            raise UnreadableImageError(error)
+        yield images, labels, skipped
