@@ -4,6 +4,7 @@ real-world image formats, the bad-image policy, config errors and the ImageNet r
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import datasets
@@ -103,6 +104,54 @@ def test_resume_mid_epoch_with_two_workers_gives_the_same_batches_bitwise(one_pe
     # Another epoch draws other crops (the epoch is part of each sample's seed).
     other = loader(data.train, micro=4, workers=0, seed=5)
     assert not torch.equal(next(iter(other))[0], expected[0][0])
+
+
+class RecordingTransform(Transform):
+    """Notes which process decoded each sample of each epoch (in a file: workers are processes)."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__(SIDE, train=True, seed=3)
+        self.log = log
+
+    def __call__(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
+        with open(self.log, "a") as file:
+            file.write(f"{epoch} {os.getpid()}\n")
+        return super().__call__(data, epoch, index)
+
+
+def test_workers_persist_across_epochs_and_a_pass_cut_short_continues_exactly(
+    one_per_class, tmp_path
+):
+    data = open_streaming("imagenet", str(one_per_class), SIDE)
+    log = tmp_path / "decoders.txt"
+    kept = StreamingLoader(data.train, RecordingTransform(log), 4, 0, 1, seed=5, num_workers=2)
+
+    def fresh(epoch: int) -> list:
+        reference = loader(data.train, micro=4, workers=0, seed=5)
+        reference.set_epoch(epoch)
+        return list(reference)
+
+    def same(a: list, b: list) -> bool:
+        return len(a) == len(b) and all(
+            torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True)
+        )
+
+    assert same(list(kept), fresh(0))
+    kept.set_epoch(1)
+    batches = iter(kept)
+    for _ in range(3):
+        next(batches)  # cut short: the workers have decoded ahead
+    kept.start_at(3)
+    assert same(list(kept), fresh(1)[3:])
+    kept.set_epoch(2)
+    assert same(list(kept), fresh(2))
+    decoders: dict[int, set[int]] = {}
+    for line in log.read_text().split("\n")[:-1]:
+        epoch, pid = map(int, line.split())
+        decoders.setdefault(epoch, set()).add(pid)
+    # The same two worker processes decoded every epoch (none of them is this process).
+    assert decoders[0] == decoders[1] == decoders[2] and len(decoders[0]) == 2
+    assert os.getpid() not in decoders[0]
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
