@@ -11,7 +11,8 @@ Too many optimizer steps in a row with NaN/Inf gradients print one line,
 SIGUSR1 saves a checkpoint at the next optimizer step and exits with status 0. An image that cannot be
 read while streaming under ``data.bad_images: error`` prints one line,
 ``data error: unreadable image <file>: <reason> ...``, and exits with status 4 (the last checkpoint
-stays intact; under several ranks the rank that read it says so, the launcher stops the others).
+stays intact; under several ranks the rank that read it says so; the others end when the launcher
+stops them or at the collective timeout).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tvlars_scale.checkpoint import find_latest_complete
 from tvlars_scale.data import EpochShards, open_streaming
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "unit"))
-from test_streaming import SIDE, make_tree  # noqa: E402
+from test_streaming import SIDE, make_tree
 
 pytestmark = pytest.mark.slow
 

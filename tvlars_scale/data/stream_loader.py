@@ -11,8 +11,12 @@ own numpy generator with that triple. So no worker RNG state needs saving, a res
 any number of workers decodes exactly the batches the uninterrupted run would have, and another
 world size sees the same crops and flips for the same samples.
 
-Unreadable images (truncated, corrupt): ``bad_images="error"`` (default) raises a
-:class:`~tvlars_scale.data.types.DataError` naming the file; ``"skip"`` replaces the sample by the
+The worker processes are forked at the first pass and kept (``persistent_workers``): the epoch
+and the sample indices travel with each item, so nothing in a worker belongs to an epoch.
+
+Unreadable images (truncated, corrupt): ``bad_images="error"`` (default) raises an
+:class:`UnreadableImageError` naming the file, in the training process and in one line (a worker
+returns it as a value; ``tvlars-train`` exits 4); ``"skip"`` replaces the sample by the
 next index of the dataset that decodes (``index + 1``, ``+ 2``... modulo its size, so the choice is
 deterministic and the batch keeps its shape), with that sample's own label and augmentation, and
 counts it: every replacement is printed with the file's name, and :attr:`skipped_images` (saved in
