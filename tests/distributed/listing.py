@@ -27,9 +27,12 @@ class _CountedScandir:
         self.inner, self.count = inner, count
 
     def __iter__(self):
-        for entry in self.inner:
-            self.count.entries += 1
-            yield entry
+        return self
+
+    def __next__(self):
+        entry = next(self.inner)
+        self.count.entries += 1
+        return entry
 
     def __enter__(self):
         return self

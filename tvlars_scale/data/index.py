@@ -46,6 +46,7 @@ __all__ = [
     "FolderIndex",
     "SplitIndex",
     "default_index_path",
+    "make_index",
     "open_or_build_index",
     "pack_split",
     "read_index",
