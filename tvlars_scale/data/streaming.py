@@ -121,9 +121,10 @@ class StreamingData:
 
     @property
     def key(self) -> tuple[int, int, int]:
-        """``(train size, test size, content hash as int64)``: what every rank must hold alike."""
-        both = hashlib.blake2b(f"{self.train.digest} {self.test.digest}".encode(), digest_size=8)
-        return len(self.train), len(self.test), int.from_bytes(both.digest(), "little", signed=True)
+        """``(train size, test size, content hash)``: what every rank must hold alike (the hash in
+        56 bits: an int64 whose negation cannot overflow)."""
+        both = hashlib.blake2b(f"{self.train.digest} {self.test.digest}".encode(), digest_size=7)
+        return len(self.train), len(self.test), int.from_bytes(both.digest(), "little")
 
     @property
     def train_labels(self) -> torch.Tensor:
