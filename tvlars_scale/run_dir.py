@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,31 @@ class RunDir:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def resolve_start(self) -> CheckpointInfo | None:
+    def resolve_start(
+        self, broadcast: Callable[[Any], Any] | None = None, *, before_step: int | None = None
+    ) -> CheckpointInfo | None:
         """The checkpoint to resume from (None: a new run). Refuses a start that would clobber a
-        run or change what a resumed run means; writes nothing."""
+        run or change what a resumed run means; writes nothing.
+
+        Decided on the main process alone (one listing of the checkpoints, the newest manifest),
+        then sent by ``broadcast`` (rank 0's object on every rank; required with several processes):
+        the other ranks look at nothing, and a refusal is raised on every rank. ``before_step``: the
+        newest checkpoint older than that step (``resume: auto`` falling back from a corrupt one).
+        """
+        outcome: CheckpointInfo | tuple[str, str] | None = None
+        if self.is_main:
+            try:
+                outcome = self._resolve(before_step)
+            except ConfigError as error:
+                outcome = (error.key, error.problem)  # sent as plain strings, raised everywhere
+        if broadcast is not None:
+            # collective: broadcast of the main process's outcome (an O(layers) CheckpointInfo).
+            outcome = broadcast(outcome)
+        if isinstance(outcome, tuple):
+            raise ConfigError(*outcome)
+        return outcome
+
+    def _resolve(self, before_step: int | None) -> CheckpointInfo | None:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("run.output_dir", f"{str(self.path)!r} is a file")
         checkpoint = self.config.checkpoint
@@ -142,6 +165,7 @@ class RunDir:
             checkpoint.allow_changes,
             self.config.run.overwrite,
             RUN_FILES,
+            before_step,
         )
 
     def start(self, resume_from: CheckpointInfo | None, step: int) -> None:

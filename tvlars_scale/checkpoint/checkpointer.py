@@ -24,11 +24,21 @@ Restoring on the same number of ranks continues bitwise. On another number of ra
 optimizer state and data position load exactly; a rank that existed before continues its own random
 streams and buffers, a new rank keeps the fresh streams it was seeded with and the main process's
 buffers (said once on the main process).
+
+What a rank reads to resume does not grow with the world size: its own rank file, plus the rank
+files holding the optimizer pieces it now holds (:mod:`.geometry`: at the same world size that is
+its own file; on fewer ranks about ``old / new`` of them), ``trainer.pt`` and ``model.pt``
+(memory-mapped: an FSDP2 rank touches its own rows only). Every file it reads is checked against
+the manifest's size and checksum before anything is loaded, and the ranks agree on the outcome in
+one gather and one broadcast: a corrupt file is :class:`CheckpointCorruptError`, one line naming
+the checkpoint and the file (``resume: auto`` then takes the previous complete checkpoint,
+:class:`~tvlars_scale.trainer.Trainer`). Each rank file is unpickled, merged and released in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -38,12 +48,18 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from tvlars_scale.checkpoint.collectives import Collectives, torch_collectives
 from tvlars_scale.checkpoint.directory import (
     CheckpointInfo,
+    CorruptFileError,
+    load_bytes,
     load_file,
     rank_file,
+    rank_record,
+    read_verified,
     save_checkpoint,
 )
+from tvlars_scale.checkpoint.geometry import rank_files_to_read, saved_geometry
 from tvlars_scale.checkpoint.layer_state import (
     capture_layer_state,
     restore_layer_state,
@@ -54,7 +70,7 @@ from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
-__all__ = ["CheckpointRestoreError", "Checkpointer"]
+__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer"]
 
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
@@ -69,6 +85,15 @@ class CheckpointRestoreError(ConfigError):
         if len(problem) > 300:
             problem = problem[:297] + "..."
         super().__init__("checkpoint.resume", f"cannot restore {checkpoint}: {piece}: {problem}")
+
+
+class CheckpointCorruptError(ConfigError):
+    """A file of the checkpoint differs from its manifest (size or checksum), found before anything
+    was loaded: the run may continue from an earlier checkpoint."""
+
+    def __init__(self, checkpoint: Path, line: str):
+        super().__init__("checkpoint.resume", line)
+        self.checkpoint = checkpoint
 
 
 class TrainStateful(Protocol):
@@ -116,6 +141,16 @@ class Checkpointer:
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.fsdp = accelerator.distributed_type == DistributedType.FSDP
         self.layout: ShardedLayout = self._state_layout()
+
+    @functools.cached_property
+    def collectives(self) -> Collectives:
+        return torch_collectives(self.accelerator.device)
+
+    @functools.cached_property
+    def _geometry(self) -> dict | None:
+        """Where each layer's runs are saved (:mod:`.geometry`): collectives on every rank, once,
+        at the first save (the layout never changes)."""
+        return saved_geometry(self.layout, owner=self._owner(), collectives=self.collectives)
 
     def _state_layout(self) -> ShardedLayout:
         """What the optimizer steps on this rank: under ZeRO the layout the layer-wise optimizer is
@@ -244,39 +279,81 @@ class Checkpointer:
             shared_payloads=shared if accelerator.is_main_process else {},
             metadata=metadata,
             keep_last=self.keep_last,
-            # collective: barrier over every rank.
-            barrier=accelerator.wait_for_everyone,
+            collectives=self.collectives,
+            geometry=self._geometry,
         )
 
     # --- restoring ---------------------------------------------------------------------------------
+    def _read_verified(self, info: CheckpointInfo, ranks: list[int]) -> dict[int | str, bytes]:
+        """Every file this rank reads, checked against the manifest; the ranks agree on the outcome
+        before anything is loaded (a gather and a broadcast), so a corrupt file anywhere stops every
+        rank at the same point with the same line."""
+        raw: dict[int | str, bytes] = {}
+        problem = None
+        try:
+            for r in ranks:
+                raw[r] = read_verified(info, rank_file(r), rank_record(info, r))
+            raw[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
+            if self.collectives.rank == 0:
+                # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
+                read_verified(info, MODEL_FILE)
+        except CorruptFileError as error:
+            problem = str(error)
+        except OSError as error:
+            problem = f"checkpoint {info.path}: {' '.join(str(error).split())}"
+        # collective: gather of one line (or None) per rank to rank 0.
+        problems = self.collectives.gather(problem)
+        first = next((p for p in problems if p), None) if problems is not None else None
+        # collective: broadcast of rank 0's verdict.
+        first = self.collectives.broadcast(first)
+        if first is not None:
+            raise CheckpointCorruptError(info.path, first)
+        return raw
+
     def restore(self, info: CheckpointInfo, print_fn: Callable[[str], None]) -> dict:
         """Load ``info`` into the model, optimizer, task, global RNGs and the loop's state; return
-        the loop's saved state.
+        the loop's saved state. Call on every rank with the same ``info`` (rank 0's).
 
-        Raises :class:`CheckpointRestoreError` naming the piece that cannot be restored.
+        Raises :class:`CheckpointCorruptError` when a file differs from the manifest (nothing is
+        loaded then), :class:`CheckpointRestoreError` naming the piece that cannot be restored.
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        own = rank if rank < info.world_size else None
+        needed = rank_files_to_read(info.geometry, self.layout, info.world_size)
+        raw = self._read_verified(info, sorted(set(needed) | ({own} if own is not None else set())))
         piece = MODEL_FILE  # what is being restored, for the error
         try:
-            model_state = load_file(info.path, MODEL_FILE)
+            model_state = load_file(info.path, MODEL_FILE, mmap=True)
             with self._full_parameters(modifier_rank=0):
                 self._load_model_state(model_state)
-            payloads = []
-            for r in range(info.world_size):
-                piece = rank_file(r)
-                payloads.append(load_file(info.path, piece, mmap=True))
-            piece = "the optimizer state (per layer, all rank files)"
-            restore_layer_state(self.optimizer, self.layout, [p["layers"] for p in payloads])
-            if rank < info.world_size:
-                piece = f"the random states in {rank_file(rank)}"
-                restore_rng_state(payloads[rank]["rng"])
-                piece = f"the task state in {rank_file(rank)}"
-                self.task.load_state_dict(payloads[rank]["task"])
-                if "buffers" in payloads[rank]:  # checkpoints written before 2026-12 lack them
-                    piece = f"the model buffers in {rank_file(rank)}"
-                    self._load_buffers(payloads[rank]["buffers"])
+            del model_state
+            own_payload = None
+
+            def layer_payloads():
+                nonlocal own_payload, piece
+                for r in needed:
+                    piece = rank_file(r)
+                    payload = load_bytes(raw.pop(r))
+                    if r == own:
+                        own_payload = payload
+                    piece = f"the optimizer state (per layer) in {rank_file(r)}"
+                    yield payload.pop("layers")  # released once merged
+
+            restore_layer_state(self.optimizer, self.layout, layer_payloads())
+            piece = "the optimizer state (per layer)"
+            if own is not None:
+                piece = rank_file(own)
+                if own_payload is None:
+                    own_payload = load_bytes(raw.pop(own))
+                piece = f"the random states in {rank_file(own)}"
+                restore_rng_state(own_payload["rng"])
+                piece = f"the task state in {rank_file(own)}"
+                self.task.load_state_dict(own_payload["task"])
+                if "buffers" in own_payload:  # checkpoints written before 2026-12 lack them
+                    piece = f"the model buffers in {rank_file(own)}"
+                    self._load_buffers(own_payload["buffers"])
             piece = TRAINER_FILE
-            trainer_state = load_file(info.path, TRAINER_FILE)
+            trainer_state = load_bytes(raw.pop(TRAINER_FILE))
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
             problem = " ".join(str(error).split()) or type(error).__name__
             raise CheckpointRestoreError(info.path, piece, problem) from error

@@ -1,0 +1,69 @@
+"""The few collectives checkpointing needs, as plain callables a test or a benchmark can stand in for.
+
+Saving and resuming cost every rank the same at any world size: rank 0 alone lists the checkpoint
+directory and reads its manifest, the others receive what they need by :attr:`Collectives.broadcast`;
+each rank reports its file's size and checksum to rank 0 by one :attr:`Collectives.gather`; the
+per-layer geometry of what ranks save is one :attr:`Collectives.all_reduce_max` of ``4 x L``
+integers. Nothing here lists all ranks' files or sends anything to every rank that grows with the
+world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Collectives", "single_process", "torch_collectives"]
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """This rank's index, the world size, and the collectives over every rank of the run."""
+
+    rank: int
+    world_size: int
+    barrier: Callable[[], None]
+    gather: Callable[[Any], list | None]
+    """Every rank's object, in rank order, on rank 0 (``None`` on the others)."""
+    broadcast: Callable[[Any], Any]
+    """Rank 0's object, on every rank."""
+    all_reduce_max: Callable[[torch.Tensor], torch.Tensor]
+    """The elementwise maximum over ranks of an int64 CPU tensor (returned; the argument may change)."""
+
+
+def single_process() -> Collectives:
+    """One process: every collective is the identity."""
+    return Collectives(0, 1, lambda: None, lambda obj: [obj], lambda obj: obj, lambda t: t)
+
+
+def torch_collectives(device: torch.device) -> Collectives:
+    """The default process group (any backend; ``device`` is where NCCL wants tensors), or
+    :func:`single_process` when none is initialised."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return single_process()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    def gather(obj: Any) -> list | None:
+        received = [None] * world_size if rank == 0 else None
+        # collective: gather_object of one small object per rank to rank 0.
+        dist.gather_object(obj, received, dst=0)
+        return received
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        # collective: broadcast_object_list of rank 0's object.
+        dist.broadcast_object_list(box, src=0, device=device)
+        return box[0]
+
+    def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+        moved = tensor.to(device)
+        # collective: all_reduce(MAX) of a small int64 tensor.
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        return moved.cpu()
+
+    # collective: barrier over every rank.
+    return Collectives(rank, world_size, dist.barrier, gather, broadcast, all_reduce_max)
