@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -59,7 +60,11 @@ from tvlars_scale.checkpoint.directory import (
     read_verified,
     save_checkpoint,
 )
-from tvlars_scale.checkpoint.geometry import rank_files_to_read, saved_geometry
+from tvlars_scale.checkpoint.geometry import (
+    first_element_files,
+    rank_files_to_read,
+    saved_geometry,
+)
 from tvlars_scale.checkpoint.layer_state import (
     capture_layer_state,
     restore_layer_state,
@@ -284,23 +289,50 @@ class Checkpointer:
         )
 
     # --- restoring ---------------------------------------------------------------------------------
-    def _read_verified(self, info: CheckpointInfo, ranks: list[int]) -> dict[int | str, bytes]:
-        """Every file this rank reads, checked against the manifest; the ranks agree on the outcome
-        before anything is loaded (a gather and a broadcast), so a corrupt file anywhere stops every
-        rank at the same point with the same line."""
-        raw: dict[int | str, bytes] = {}
+    def _stateless_layers(self, own_layers: dict | None) -> list[str]:
+        """Layers of tensors this rank holds no run of, whose per-tensor state (step counters) its
+        own saved payload does not carry: no file of runs brings it."""
+        names, carried = self.layout.layer_names, (own_layers or {}).get("scalars", {})
+        return sorted(
+            {
+                names[layer]
+                for _, entry in self.layout.items()
+                if not any(piece.numel for piece in entry.pieces)
+                for layer in entry.layers
+            }
+            - carried.keys()
+        )
+
+    def _read_files(self, info: CheckpointInfo) -> tuple[dict[int | str, object], list[int]]:
+        """Read and check every file this rank needs, before anything is loaded; the ranks agree on
+        the outcome (a gather and a broadcast), so a corrupt file anywhere stops every rank at the
+        same point with the same line. Returns the rank files' bytes (its own file already
+        unpickled, its ``layers`` the first to merge), ``trainer.pt``'s bytes, and the rank files
+        to merge, in order."""
+        rank = self.accelerator.process_index
+        own = rank if rank < info.world_size else None
+        order = rank_files_to_read(info.geometry, self.layout, info.world_size)
+        files: dict[int | str, object] = {}
         problem = None
         try:
-            for r in ranks:
-                raw[r] = read_verified(info, rank_file(r), rank_record(info, r))
-            raw[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
+            for r in sorted({*order, *([] if own is None else [own])}):
+                files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+            if own is not None:
+                files[own] = load_bytes(files[own])  # the layers it lacks state for decide below
+                order = [own] + [r for r in order if r != own]
+            missing = self._stateless_layers(files[own]["layers"] if own is not None else None)
+            for r in first_element_files(info.geometry, missing, info.world_size):
+                if r not in files:
+                    files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+                    order.append(r)
+            files[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
             if self.collectives.rank == 0:
                 # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
                 read_verified(info, MODEL_FILE)
         except CorruptFileError as error:
             problem = str(error)
-        except OSError as error:
-            problem = f"checkpoint {info.path}: {' '.join(str(error).split())}"
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+            problem = f"checkpoint {info.path}: " + " ".join(str(error).split())
         # collective: gather of one line (or None) per rank to rank 0.
         problems = self.collectives.gather(problem)
         first = next((p for p in problems if p), None) if problems is not None else None
@@ -308,7 +340,7 @@ class Checkpointer:
         first = self.collectives.broadcast(first)
         if first is not None:
             raise CheckpointCorruptError(info.path, first)
-        return raw
+        return files, order
 
     def restore(self, info: CheckpointInfo, print_fn: Callable[[str], None]) -> dict:
         """Load ``info`` into the model, optimizer, task, global RNGs and the loop's state; return
@@ -319,32 +351,26 @@ class Checkpointer:
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
         own = rank if rank < info.world_size else None
-        needed = rank_files_to_read(info.geometry, self.layout, info.world_size)
-        raw = self._read_verified(info, sorted(set(needed) | ({own} if own is not None else set())))
+        files, order = self._read_files(info)
+        own_payload = files.pop(own) if own is not None else None
         piece = MODEL_FILE  # what is being restored, for the error
         try:
             model_state = load_file(info.path, MODEL_FILE, mmap=True)
             with self._full_parameters(modifier_rank=0):
                 self._load_model_state(model_state)
             del model_state
-            own_payload = None
 
             def layer_payloads():
-                nonlocal own_payload, piece
-                for r in needed:
+                nonlocal piece
+                for r in order:
                     piece = rank_file(r)
-                    payload = load_bytes(raw.pop(r))
-                    if r == own:
-                        own_payload = payload
+                    payload = own_payload if r == own else load_bytes(files.pop(r))
                     piece = f"the optimizer state (per layer) in {rank_file(r)}"
                     yield payload.pop("layers")  # released once merged
 
             restore_layer_state(self.optimizer, self.layout, layer_payloads())
             piece = "the optimizer state (per layer)"
             if own is not None:
-                piece = rank_file(own)
-                if own_payload is None:
-                    own_payload = load_bytes(raw.pop(own))
                 piece = f"the random states in {rank_file(own)}"
                 restore_rng_state(own_payload["rng"])
                 piece = f"the task state in {rank_file(own)}"
@@ -353,7 +379,7 @@ class Checkpointer:
                     piece = f"the model buffers in {rank_file(own)}"
                     self._load_buffers(own_payload["buffers"])
             piece = TRAINER_FILE
-            trainer_state = load_bytes(raw.pop(TRAINER_FILE))
+            trainer_state = load_bytes(files.pop(TRAINER_FILE))
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
             problem = " ".join(str(error).split()) or type(error).__name__
             raise CheckpointRestoreError(info.path, piece, problem) from error

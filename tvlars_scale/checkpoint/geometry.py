@@ -25,7 +25,7 @@ import torch
 from tvlars_scale.checkpoint.collectives import Collectives
 from tvlars_scale.optim.sharding import ShardedLayout
 
-__all__ = ["rank_files_to_read", "saved_geometry"]
+__all__ = ["first_element_files", "rank_files_to_read", "saved_geometry"]
 
 _NONE = -(2**62)  # below any real value: "this rank says nothing about the layer"
 
@@ -89,27 +89,33 @@ def saved_geometry(
 def rank_files_to_read(
     geometry: Mapping[str, tuple[int, int]] | None, layout: ShardedLayout, saved_world_size: int
 ) -> list[int]:
-    """The saved ranks whose files hold a run this rank's ``layout`` needs, ascending.
-
-    A tensor with no piece here still needs its layers' per-tensor state (step counters): the file
-    holding each layer's first element has it. Without a geometry: every rank file.
-    """
+    """The saved ranks whose files hold a run of this rank's ``layout``, ascending (without a
+    geometry: every rank file)."""
     if geometry is None:
         return list(range(saved_world_size))
     names, needed = layout.layer_names, set()
-
-    def add(name: str, first: int, last: int) -> None:
-        if name not in geometry:  # not in the checkpoint: restoring names the missing layer
-            return
-        base, chunk = geometry[name]
-        low, high = (first + base) // chunk, (last + base) // chunk
-        needed.update(range(max(low, 0), min(high, saved_world_size - 1) + 1))
-
     for _, entry in layout.items():
         for piece in entry.pieces:
-            if piece.numel:
-                add(names[piece.layer], piece.layer_offset, piece.layer_offset + piece.numel - 1)
-        if not any(piece.numel for piece in entry.pieces):
-            for layer in entry.layers:
-                add(names[layer], 0, 0)
+            name = names[piece.layer]
+            if piece.numel and name in geometry:  # a layer not saved: restoring names it
+                base, chunk = geometry[name]
+                low = (piece.layer_offset + base) // chunk
+                high = (piece.layer_offset + piece.numel - 1 + base) // chunk
+                needed.update(range(max(low, 0), min(high, saved_world_size - 1) + 1))
     return sorted(needed)
+
+
+def first_element_files(
+    geometry: Mapping[str, tuple[int, int]] | None, layers: Iterable[str], saved_world_size: int
+) -> list[int]:
+    """The saved ranks holding the first element of each of ``layers``: their files carry the
+    layers' per-tensor state (step counters), which a rank holding none of a layer still needs."""
+    if geometry is None:
+        return list(range(saved_world_size))
+    return sorted(
+        {
+            min(geometry[name][0] // geometry[name][1], saved_world_size - 1)
+            for name in layers
+            if name in geometry  # a layer not saved: restoring names it
+        }
+    )
