@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tvlars_scale.checkpoint import Checkpointer, directory, policy
-from tvlars_scale.checkpoint.collectives import Collectives
+from tvlars_scale.checkpoint.collectives import thread_collectives
 from tvlars_scale.checkpoint.directory import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -50,45 +50,9 @@ from tvlars_scale.preemption import PreemptionFlag
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _thread_collectives(world_size: int) -> tuple[list[Collectives], threading.Barrier]:
-    """Collectives between ``world_size`` threads standing in for ranks: real barriers, a gather
-    and a broadcast through shared slots."""
-    barrier = threading.Barrier(world_size)
-    slots: list = [None] * world_size
-
-    def make(rank: int) -> Collectives:
-        def gather(obj):
-            slots[rank] = obj
-            barrier.wait(timeout=30)
-            gathered = list(slots) if rank == 0 else None
-            barrier.wait(timeout=30)
-            return gathered
-
-        def broadcast(obj):
-            if rank == 0:
-                slots[0] = obj
-            barrier.wait(timeout=30)
-            received = slots[0]
-            barrier.wait(timeout=30)
-            return received
-
-        def all_reduce_max(tensor):
-            slots[rank] = tensor
-            barrier.wait(timeout=30)
-            reduced = torch.stack(list(slots)).amax(0)
-            barrier.wait(timeout=30)
-            return reduced
-
-        return Collectives(
-            rank, world_size, lambda: barrier.wait(timeout=30), gather, broadcast, all_reduce_max
-        )
-
-    return [make(rank) for rank in range(world_size)], barrier
-
-
 def _save(run_dir: Path, step: int, world_size: int = 1, keep_last: int = 10, **metadata) -> Path:
     """Save ``step`` as the ranks of a ``world_size`` run would: one thread per rank, real barriers."""
-    collectives, barrier = _thread_collectives(world_size)
+    collectives, barrier = thread_collectives(world_size)
     paths, errors = {}, []
 
     def rank_main(rank: int) -> None:
@@ -149,7 +113,7 @@ def test_rank_zero_refuses_to_publish_without_every_rank_file(tmp_path):
             shared_payloads={},
             metadata={},
             keep_last=3,
-            )
+        )
     assert find_latest_complete(tmp_path) is None
     assert (tmp_path / CHECKPOINTS_DIR / ".tmp-step-5").is_dir()
 

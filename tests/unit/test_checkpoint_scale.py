@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from test_checkpoint import _thread_collectives
 from torch import nn
 
 from tvlars_scale.checkpoint import CheckpointCorruptError, Checkpointer, find_latest_complete
+from tvlars_scale.checkpoint.collectives import thread_collectives
 from tvlars_scale.checkpoint.directory import load_file, rank_file, read_manifest, save_checkpoint
 from tvlars_scale.checkpoint.geometry import rank_files_to_read, saved_geometry
 from tvlars_scale.checkpoint.layer_state import (
@@ -83,7 +83,7 @@ def _config(run: Path, optim: dict | None = None, **checkpoint) -> Config:
 
 def _on_threads(world_size: int, work) -> list:
     """``work(rank, collectives)`` on ``world_size`` threads standing in for ranks."""
-    collectives, barrier = _thread_collectives(world_size)
+    collectives, barrier = thread_collectives(world_size)
     results, errors = [None] * world_size, []
 
     def main(rank: int) -> None:

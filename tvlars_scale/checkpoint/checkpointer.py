@@ -42,7 +42,7 @@ import functools
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -75,7 +75,7 @@ from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
-__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer"]
+__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer", "read_rank_files"]
 
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
@@ -289,59 +289,6 @@ class Checkpointer:
         )
 
     # --- restoring ---------------------------------------------------------------------------------
-    def _stateless_layers(self, own_layers: dict | None) -> list[str]:
-        """Layers of tensors this rank holds no run of, whose per-tensor state (step counters) its
-        own saved payload does not carry: no file of runs brings it."""
-        names, carried = self.layout.layer_names, (own_layers or {}).get("scalars", {})
-        return sorted(
-            {
-                names[layer]
-                for _, entry in self.layout.items()
-                if not any(piece.numel for piece in entry.pieces)
-                for layer in entry.layers
-            }
-            - carried.keys()
-        )
-
-    def _read_files(self, info: CheckpointInfo) -> tuple[dict[int | str, object], list[int]]:
-        """Read and check every file this rank needs, before anything is loaded; the ranks agree on
-        the outcome (a gather and a broadcast), so a corrupt file anywhere stops every rank at the
-        same point with the same line. Returns the rank files' bytes (its own file already
-        unpickled, its ``layers`` the first to merge), ``trainer.pt``'s bytes, and the rank files
-        to merge, in order."""
-        rank = self.accelerator.process_index
-        own = rank if rank < info.world_size else None
-        order = rank_files_to_read(info.geometry, self.layout, info.world_size)
-        files: dict[int | str, object] = {}
-        problem = None
-        try:
-            for r in sorted({*order, *([] if own is None else [own])}):
-                files[r] = read_verified(info, rank_file(r), rank_record(info, r))
-            if own is not None:
-                files[own] = load_bytes(files[own])  # the layers it lacks state for decide below
-                order = [own] + [r for r in order if r != own]
-            missing = self._stateless_layers(files[own]["layers"] if own is not None else None)
-            for r in first_element_files(info.geometry, missing, info.world_size):
-                if r not in files:
-                    files[r] = read_verified(info, rank_file(r), rank_record(info, r))
-                    order.append(r)
-            files[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
-            if self.collectives.rank == 0:
-                # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
-                read_verified(info, MODEL_FILE)
-        except CorruptFileError as error:
-            problem = str(error)
-        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-            problem = f"checkpoint {info.path}: " + " ".join(str(error).split())
-        # collective: gather of one line (or None) per rank to rank 0.
-        problems = self.collectives.gather(problem)
-        first = next((p for p in problems if p), None) if problems is not None else None
-        # collective: broadcast of rank 0's verdict.
-        first = self.collectives.broadcast(first)
-        if first is not None:
-            raise CheckpointCorruptError(info.path, first)
-        return files, order
-
     def restore(self, info: CheckpointInfo, print_fn: Callable[[str], None]) -> dict:
         """Load ``info`` into the model, optimizer, task, global RNGs and the loop's state; return
         the loop's saved state. Call on every rank with the same ``info`` (rank 0's).
@@ -351,7 +298,7 @@ class Checkpointer:
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
         own = rank if rank < info.world_size else None
-        files, order = self._read_files(info)
+        files, order = read_rank_files(info, self.layout, rank, self.collectives)
         own_payload = files.pop(own) if own is not None else None
         piece = MODEL_FILE  # what is being restored, for the error
         try:
@@ -396,6 +343,60 @@ class Checkpointer:
             self.train_state.load_state_dict(trainer_state)
             self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state
+
+
+def _stateless_layers(layout: ShardedLayout, own_layers: dict | None) -> list[str]:
+    """Layers of tensors this rank holds no run of, whose per-tensor state (step counters) its own
+    saved payload does not carry: no file of runs brings it."""
+    names, carried = layout.layer_names, (own_layers or {}).get("scalars", {})
+    empty = [entry for _, entry in layout.items() if not any(p.numel for p in entry.pieces)]
+    return sorted({names[layer] for entry in empty for layer in entry.layers} - carried.keys())
+
+
+def read_rank_files(
+    info: CheckpointInfo, layout: ShardedLayout, rank: int, collectives: Collectives
+) -> tuple[dict[int | str, Any], list[int]]:
+    """Read and check every file ``rank`` needs to restore ``layout`` from ``info``, before
+    anything is loaded; the ranks agree on the outcome (a gather and a broadcast), so a corrupt
+    file anywhere stops every rank at the same point with the same line
+    (:class:`CheckpointCorruptError`).
+
+    Returns the files (rank index -> bytes; its own file already unpickled, as it decides what
+    else is needed; ``trainer.pt``'s bytes) and the rank files to merge, in order: its own, those
+    overlapping its pieces (:func:`.geometry.rank_files_to_read`), then -- only for layers it holds
+    none of and its own file has no step counters for -- those with their first element.
+    """
+    own = rank if rank < info.world_size else None
+    order = rank_files_to_read(info.geometry, layout, info.world_size)
+    files: dict[int | str, Any] = {}
+    problem = None
+    try:
+        for r in sorted({*order, *([] if own is None else [own])}):
+            files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+        if own is not None:
+            files[own] = load_bytes(files[own])
+            order = [own] + [r for r in order if r != own]
+        missing = _stateless_layers(layout, files[own]["layers"] if own is not None else None)
+        for r in first_element_files(info.geometry, missing, info.world_size):
+            if r not in files:
+                files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+                order.append(r)
+        files[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
+        if rank == 0:
+            # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
+            read_verified(info, MODEL_FILE)
+    except CorruptFileError as error:
+        problem = str(error)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        problem = f"checkpoint {info.path}: " + " ".join(str(error).split())
+    # collective: gather of one line (or None) per rank to rank 0.
+    problems = collectives.gather(problem)
+    first = next((p for p in problems if p), None) if problems is not None else None
+    # collective: broadcast of rank 0's verdict.
+    first = collectives.broadcast(first)
+    if first is not None:
+        raise CheckpointCorruptError(info.path, first)
+    return files, order
 
 
 def _is_dtensor(tensor) -> bool:

@@ -10,6 +10,7 @@ world size.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Collectives", "single_process", "torch_collectives"]
+__all__ = ["Collectives", "single_process", "thread_collectives", "torch_collectives"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,36 @@ def torch_collectives(device: torch.device) -> Collectives:
 
     # collective: barrier over every rank.
     return Collectives(rank, world_size, dist.barrier, gather, broadcast, all_reduce_max)
+
+
+def thread_collectives(
+    world_size: int, timeout_s: float = 60.0
+) -> tuple[list[Collectives], threading.Barrier]:
+    """Ranks simulated as threads of one process (tests; ``benchmarks/scale.py``): one
+    :class:`Collectives` per rank, real barriers, the gather / broadcast / all-reduce through
+    shared slots; and the barrier, which a failing thread aborts to release the others."""
+    barrier = threading.Barrier(world_size)
+    slots: list = [None] * world_size
+
+    def make(rank: int) -> Collectives:
+        def exchange(obj: Any) -> list:
+            slots[rank] = obj
+            barrier.wait(timeout_s)
+            seen = list(slots)
+            barrier.wait(timeout_s)  # nobody writes a slot again before everyone has read them
+            return seen
+
+        def gather(obj: Any) -> list | None:
+            seen = exchange(obj)
+            return seen if rank == 0 else None
+
+        return Collectives(
+            rank,
+            world_size,
+            lambda: barrier.wait(timeout_s),
+            gather,
+            lambda obj: exchange(obj)[0],
+            lambda tensor: torch.stack(exchange(tensor)).amax(0),
+        )
+
+    return [make(rank) for rank in range(world_size)], barrier

@@ -166,12 +166,21 @@ def save_checkpoint(
     # collective: gather of one (size, checksum) per rank to rank 0: every rank's file is durable.
     records = collectives.gather(record)
     fault_injection.kill_if_requested("in_save", step)
+    pruned: list[str] = []
     if rank == 0:
         _publish(staging, final, step, world_size, records, shared, geometry, dict(metadata))
         _write_latest(root, final.name)
-        prune(root, keep_last)
-    # collective: barrier, the checkpoint is published before any rank goes on.
+        pruned = _set_aside(root, keep_last)
+    # collective: broadcast of what rank 0 set aside: the checkpoint is published before any rank
+    # goes on.
+    pruned = collectives.broadcast(pruned)
+    for name in pruned:  # each rank deletes its own file: no rank unlinks O(world size) files
+        (root / name / rank_file(rank)).unlink(missing_ok=True)
+    # collective: barrier, every rank's files of the pruned checkpoints are gone.
     collectives.barrier()
+    if rank == 0:
+        for name in pruned:
+            shutil.rmtree(root / name)  # the shared files and the rank table
     return final
 
 
@@ -347,14 +356,24 @@ def prune(checkpoints_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (incomplete ones are not counted).
 
     A directory is renamed away before it is deleted, so a crash mid-deletion never leaves a
-    half-deleted ``step-N`` behind.
+    half-deleted ``step-N`` behind. (A save prunes the same way, each rank deleting its own file.)
     """
+    root = Path(checkpoints_dir)
+    for name in _set_aside(root, keep_last):
+        shutil.rmtree(root / name)
+
+
+def _set_aside(root: Path, keep_last: int) -> list[str]:
+    """Rename all but the newest ``keep_last`` complete checkpoints to ``.trash-step-N`` (swept by
+    :func:`remove_leftovers` if a crash leaves them); their new names."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    for info in complete_checkpoints(checkpoints_dir)[:-keep_last]:
+    names = []
+    for info in complete_checkpoints(root)[:-keep_last]:
         trash = info.path.with_name(f"{_TRASH_PREFIX}{info.path.name}")
         os.rename(info.path, trash)
-        shutil.rmtree(trash)
+        names.append(trash.name)
+    return names
 
 
 def remove_leftovers(checkpoints_dir: str | Path) -> list[Path]:
