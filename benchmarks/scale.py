@@ -6,7 +6,7 @@ transformer's parameters -- this writes real checkpoints through the library's o
 counts, per rank, the files opened, directory entries listed, stats and bytes read by:
 
 * start-up (``resume: auto``): ``RunDir.resolve_start`` on the main process and on another rank,
-  over a run holding ``keep_last`` = 3 checkpoints of W rank files;
+  over a run holding its newest checkpoint of W rank files (``keep_last`` = 1);
 * save: what rank 0 does to the checkpoint directory while publishing (listing, stats);
 * restore: ``read_rank_files`` (what ``Checkpointer.restore`` reads and checks) for sampled ranks of
   a world of the same W, of 3W/4 and of W/8 ranks, then the per-layer merge
@@ -60,7 +60,7 @@ from tvlars_scale.optim import Piece, ShardedLayout, TensorLayout
 from tvlars_scale.optim.zero_layout import flat_window_pieces, split_param_pieces
 from tvlars_scale.run_dir import RunDir
 
-KEEP_LAST = 3
+KEEP_LAST = 1  # checkpoints kept: each save after the first prunes one
 ZERO_SCALE = 64  # ZeRO tensors: ResNet-50's sizes / 64
 
 
@@ -351,7 +351,7 @@ def startup_checkpoint(run: Path, config: Config, counter: _Counter) -> tuple[di
     info = RunDir(config, is_main=True).resolve_start()
     main = counter.of()
     counter.reset()
-    got = RunDir(config, is_main=False).resolve_start(lambda sent: info)
+    got = RunDir(config, is_main=False).resolve_start(lambda sent: [info])
     other = counter.of()
     assert got is info and info is not None
     return {

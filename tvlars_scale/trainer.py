@@ -29,12 +29,7 @@ from tqdm.auto import tqdm
 
 from tvlars_scale import accelerate_setup, build, fault_injection
 from tvlars_scale.accelerate_setup import StepAccumulation, make_accelerator, prepare
-from tvlars_scale.checkpoint import (
-    CheckpointCorruptError,
-    Checkpointer,
-    CheckpointInfo,
-    find_latest_complete,
-)
+from tvlars_scale.checkpoint import Checkpointer, find_latest_complete
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import NonFiniteError, gradients_are_finite
 from tvlars_scale.preemption import PreemptionFlag
@@ -50,12 +45,6 @@ from tvlars_scale.telemetry import (
 from tvlars_scale.train_state import TrainState
 
 __all__ = ["TrainState", "Trainer"]
-
-
-def _broadcast(obj):
-    # collective: broadcast_object_list of the main process's object (several ranks only).
-    [obj] = broadcast_object_list([obj])
-    return obj
 
 
 class Trainer:
@@ -90,7 +79,8 @@ class Trainer:
             [held_by] = broadcast_object_list([held_by])
             if held_by:
                 raise ConfigError("run.output_dir", held_by)
-        self.resume_from = self.run_dir.resolve_start(_broadcast)
+        # collective: broadcast of the main process's choice (the other ranks look at nothing).
+        self.resume_from = self.run_dir.resolve_start(broadcast_object_list)
 
         set_seed(run.seed)  # the same initial model on every rank
         self.task = build_task(config, self.data, accelerator.process_index)
@@ -141,8 +131,8 @@ class Trainer:
             config_yaml=config.to_yaml(),
             train_state=self,
         )
-        if resume_from is not None:
-            self.resume_from = resume_from = self._restore(resume_from)
+        if resume_from is not None:  # resume: auto goes past a corrupt checkpoint to the previous
+            resume_from = self.run_dir.restore(self.checkpointer, resume_from, accelerator.print)
             accelerator.print(
                 f"resumed from {resume_from.path} (step {self.state.step}, epoch "
                 f"{self.state.epoch}, {resume_from.world_size} -> {self.plan.world_size} ranks)"
@@ -156,26 +146,6 @@ class Trainer:
         self.preemption.install()
         accelerator.print(self.plan.describe())
         accelerator.print(self._schedule_line())
-
-    def _restore(self, info: CheckpointInfo) -> CheckpointInfo:
-        """Model, optimizer, RNGs, task, then this loop's counters and data position, from ``info``;
-        under ``resume: auto`` a corrupt checkpoint gives way to the previous complete one (said on
-        the main process). Returns the checkpoint restored."""
-        while True:
-            try:
-                self.checkpointer.restore(info, self.accelerator.print)
-                return info
-            except CheckpointCorruptError as error:
-                if self.config.checkpoint.resume != "auto":
-                    raise
-                previous = self.run_dir.resolve_start(_broadcast, before_step=info.step)
-                if previous is None:
-                    raise
-                self.accelerator.print(
-                    f"{error.problem}; resuming from the previous complete checkpoint "
-                    f"{previous.path} instead"
-                )
-                info = previous
 
     def _schedule_line(self) -> str:
         batch = self.config.batch

@@ -103,10 +103,10 @@ def _rank_files_opened():
         builtins.open = original
 
 
-def save(run_dir: str) -> dict:
+def save(run_dir: str, settings: tuple[str, ...] = SETTINGS) -> dict:
     """Train and checkpoint each setting; the trained parameters and this rank's saved pieces."""
     results = {}
-    for setting in SETTINGS:
+    for setting in settings:
         model, optimizer, checkpointer = _checkpointer(setting, Path(run_dir) / setting)
         if setting == "zero2":
             _train_zero2(model, dist.get_world_size())
@@ -120,11 +120,11 @@ def save(run_dir: str) -> dict:
     return results
 
 
-def restore(run_dir: str) -> dict:
+def restore(run_dir: str, settings: tuple[str, ...] = SETTINGS) -> dict:
     """Restore each setting's checkpoint into the untrained model (rank 0 finds it and broadcasts
     it); the parameters, this rank's pieces and the rank files it opened."""
     results = {}
-    for setting in SETTINGS:
+    for setting in settings:
         model, optimizer, checkpointer = _checkpointer(setting, Path(run_dir) / setting)
         found = find_latest_complete(Path(run_dir) / setting) if dist.get_rank() == 0 else None
         info = torch_collectives(torch.device("cpu")).broadcast(found)

@@ -38,7 +38,6 @@ from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.optim import TVLARS, Piece, ShardedLayout, TensorLayout, layerwise_param_groups
 from tvlars_scale.optim.zero_layout import flat_window_pieces
 from tvlars_scale.run_dir import RunDir
-from tvlars_scale.trainer import Trainer
 
 
 @contextlib.contextmanager
@@ -132,8 +131,8 @@ def test_only_the_main_process_looks_for_the_checkpoint(tmp_path, monkeypatch):
 
     sent = []
     with _file_system_calls(monkeypatch) as calls:
-        got = RunDir(config, is_main=False).resolve_start(lambda obj: sent.append(obj) or info)
-    assert got == info and sent == [None]
+        got = RunDir(config, is_main=False).resolve_start(lambda box: sent.append(box) or [info])
+    assert got == info and sent == [[None]]
     assert calls == {"open": [], "stat": [], "list": []}  # nothing listed, stat'ed or opened
 
     # The main process's refusal is raised on every rank, from what it sent.
@@ -142,7 +141,7 @@ def test_only_the_main_process_looks_for_the_checkpoint(tmp_path, monkeypatch):
         RunDir(refusal, is_main=True).resolve_start()
     sent_refusal = (main_error.value.key, main_error.value.problem)
     with pytest.raises(ConfigError) as other_error:
-        RunDir(refusal, is_main=False).resolve_start(lambda obj: sent_refusal)
+        RunDir(refusal, is_main=False).resolve_start(lambda box: [sent_refusal])
     assert other_error.value.line() == main_error.value.line()
 
 
@@ -315,20 +314,17 @@ def test_a_flipped_byte_is_one_line_and_auto_resume_takes_the_previous_checkpoin
     for key, value in fresh.state_dict().items():  # nothing was loaded
         assert torch.equal(value, before[key]), key
 
-    trainer = Trainer(config)
     printed = []
-    trainer.checkpointer = restoring
-    trainer.run_dir = RunDir(config, is_main=True)
-    trainer.accelerator = SimpleNamespace(print=printed.append)
-    assert trainer._restore(find_latest_complete(run)).step == 1
+    run_dir = RunDir(config, is_main=True)
+    assert run_dir.restore(restoring, run_dir.resolve_start(), printed.append).step == 1
     assert len(printed) == 1 and f"{rank_file(0)} is corrupt" in printed[0]
     assert "previous complete checkpoint" in printed[0] and "step-1" in printed[0]
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, first[key]), key
 
     # Named explicitly, the corrupt checkpoint is refused, not replaced.
-    trainer.config = _config(run, resume=str(newest))
+    explicit = RunDir(_config(run, resume=str(newest)), is_main=True)
     with pytest.raises(CheckpointCorruptError):
-        trainer._restore(read_manifest(newest))
+        explicit.restore(restoring, explicit.resolve_start(), printed.append)
     counts = Counter(p.name for p in newest.iterdir())
     assert counts[rank_file(0)] == 1  # the damaged file is left for inspection
