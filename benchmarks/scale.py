@@ -30,7 +30,8 @@ Optimizer state: one momentum buffer and a step counter per tensor, as TVLARS ke
 
 Slopes are d ln(count + 1) / d ln W between W = 512 and W = 4096: 0 means the per-rank cost does not
 grow with the world size, 1 that it grows linearly. Prints a table, then ONE JSON line.
-``python benchmarks/scale.py [--world-sizes 8 64 512 4096]``.
+``python benchmarks/scale.py [--world-sizes 8 64 512 4096] [--cases ...]`` (about an hour on 2
+loaded CPU cores, most of it W = 4096's saves).
 """
 
 from __future__ import annotations
@@ -242,6 +243,9 @@ def _fsdp2(shapes, world_size: int, rank: int) -> ShardedLayout:
     return ShardedLayout(names, [(s[0],) for _, s in shapes], tensors)
 
 
+CASES = ["zero2_resnet50", "zero3_resnet50", "fsdp2_L161", "fsdp2_L1000"]
+
+
 def cases() -> dict:
     resnet = resnet50_shapes()
     return {
@@ -397,11 +401,13 @@ def _payloads(files: dict, order: list[int], rank: int):
         yield payload["layers"]
 
 
-def checkpoint_sections(world_sizes: list[int], workdir: Path) -> list[dict]:
+def checkpoint_sections(world_sizes: list[int], names: list[str], workdir: Path) -> list[dict]:
     """Every case and world size: start-up, save and restore counts (one row per case and W)."""
     results = []
     with counting() as counter:
         for name, (kind, shapes) in cases().items():
+            if name not in names:
+                continue
             for world_size in world_sizes:
                 run = workdir / f"{name}-{world_size}"
                 config = Config.model_validate(
@@ -490,9 +496,10 @@ def report(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 64, 512, 4096])
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tvlars-scale-") as workdir:
-        rows = checkpoint_sections(args.world_sizes, Path(workdir))
+        rows = checkpoint_sections(args.world_sizes, args.cases, Path(workdir))
     print(json.dumps(report(rows)))
 
 

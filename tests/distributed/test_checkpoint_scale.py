@@ -13,7 +13,8 @@ from multiproc import run_ranks
 
 from tvlars_scale.checkpoint.layer_state import restore_layer_state, unsharded_layout
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+# Two launches of 4 processes (DeepSpeed and FSDP2 in each) and one of 3: minutes, not seconds.
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.long]
 
 SAVED_RANKS = 4
 
@@ -71,7 +72,6 @@ def test_same_world_size_restores_bitwise_from_its_own_file(saved, restored, set
     _assert_same(ranks, saved_ranks, setting)
 
 
-@pytest.mark.long  # a second launch of 3 ranks
 @pytest.mark.parametrize("setting", checkpoint_worker.SETTINGS)
 def test_fewer_ranks_restore_the_unsharded_reference_from_overlapping_files(
     saved, restored, setting
