@@ -25,14 +25,16 @@ optimizer state and data position load exactly; a rank that existed before conti
 streams and buffers, a new rank keeps the fresh streams it was seeded with and the main process's
 buffers (said once on the main process).
 
-What a rank reads to resume does not grow with the world size: its own rank file, plus the rank
-files holding the optimizer pieces it now holds (:mod:`.geometry`: at the same world size that is
-its own file; on fewer ranks about ``old / new`` of them), ``trainer.pt`` and ``model.pt``
-(memory-mapped: an FSDP2 rank touches its own rows only). Every file it reads is checked against
-the manifest's size and checksum before anything is loaded, and the ranks agree on the outcome in
-one gather and one broadcast: a corrupt file is :class:`CheckpointCorruptError`, one line naming
-the checkpoint and the file (``resume: auto`` then takes the previous complete checkpoint,
-:class:`~tvlars_scale.trainer.Trainer`). Each rank file is unpickled, merged and released in turn.
+What a rank reads to resume: its own rank file, the rank files holding the optimizer pieces it now
+holds (:mod:`.geometry`; at the same world size, its own file), ``trainer.pt`` and ``model.pt``
+(memory-mapped: an FSDP2 rank touches its own rows only). At the same world size that does not grow
+with it; on another, the overlapping files are about ``old / new`` under ZeRO-1/2 windows, more
+under ZeRO-3 slots and FSDP2 row blocks, which cut every layer by its own size. Every file it reads
+is checked against the manifest's size and checksum before anything is loaded, and the ranks agree
+on the outcome in one gather and one broadcast: a corrupt file is :class:`CheckpointCorruptError`,
+one line naming the checkpoint and the file (``resume: auto`` then takes the previous complete
+checkpoint, :meth:`~tvlars_scale.run_dir.RunDir.restore`). Each rank file is unpickled, merged and
+released in turn.
 """
 
 from __future__ import annotations

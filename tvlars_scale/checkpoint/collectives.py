@@ -78,26 +78,33 @@ def thread_collectives(
     shared slots; and the barrier, which a failing thread aborts to release the others."""
     barrier = threading.Barrier(world_size)
     slots: list = [None] * world_size
+    shared: list = [None]  # what rank 0 sends, read by every thread
 
     def make(rank: int) -> Collectives:
-        def exchange(obj: Any) -> list:
-            slots[rank] = obj
+        def wait() -> None:
             barrier.wait(timeout_s)
-            seen = list(slots)
-            barrier.wait(timeout_s)  # nobody writes a slot again before everyone has read them
-            return seen
 
         def gather(obj: Any) -> list | None:
-            seen = exchange(obj)
-            return seen if rank == 0 else None
+            slots[rank] = obj
+            wait()
+            seen = list(slots) if rank == 0 else None
+            wait()  # nobody writes a slot again before rank 0 has read them
+            return seen
 
-        return Collectives(
-            rank,
-            world_size,
-            lambda: barrier.wait(timeout_s),
-            gather,
-            lambda obj: exchange(obj)[0],
-            lambda tensor: torch.stack(exchange(tensor)).amax(0),
-        )
+        def broadcast(obj: Any) -> Any:
+            if rank == 0:
+                shared[0] = obj
+            wait()
+            seen = shared[0]
+            wait()  # rank 0 sends nothing new before everyone has read it
+            return seen
+
+        def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+            slots[rank] = tensor
+            wait()
+            # Reduced once, by rank 0, and sent (the others wait in broadcast, writing no slot).
+            return broadcast(torch.stack(slots).amax(0) if rank == 0 else None)
+
+        return Collectives(rank, world_size, wait, gather, broadcast, all_reduce_max)
 
     return [make(rank) for rank in range(world_size)], barrier
