@@ -36,11 +36,14 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tvlars_scale.checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointCorruptError,
+    Checkpointer,
     CheckpointInfo,
     complete_checkpoints,
     find_latest_complete,
@@ -94,6 +97,7 @@ class RunDir:
         self.is_main = is_main
         self._lock_fd: int | None = None
         self._created = False  # the directory was made for the lock: remove it if never started
+        self._broadcast: Callable[[list], list] | None = None  # resolve_start's, for restore
 
     def lock(self) -> str | None:
         """Take the run directory's writer lock (main process); ``None`` when taken, else a line
@@ -129,9 +133,33 @@ class RunDir:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def resolve_start(self) -> CheckpointInfo | None:
+    def resolve_start(
+        self, broadcast: Callable[[list], list] | None = None, *, before_step: int | None = None
+    ) -> CheckpointInfo | None:
         """The checkpoint to resume from (None: a new run). Refuses a start that would clobber a
-        run or change what a resumed run means; writes nothing."""
+        run or change what a resumed run means; writes nothing.
+
+        Decided on the main process alone (one listing of the checkpoints, the newest manifest),
+        then sent by ``broadcast`` (a list holding rank 0's objects on every rank, as Accelerate's
+        ``broadcast_object_list``; required with several processes): the other ranks look at
+        nothing, and a refusal is raised on every rank. ``before_step``: the newest checkpoint older
+        than that step (``resume: auto`` falling back from a corrupt one).
+        """
+        self._broadcast = broadcast
+        outcome: CheckpointInfo | tuple[str, str] | None = None
+        if self.is_main:
+            try:
+                outcome = self._resolve(before_step)
+            except ConfigError as error:
+                outcome = (error.key, error.problem)  # sent as plain strings, raised everywhere
+        if broadcast is not None:
+            # collective: broadcast of the main process's outcome (an O(layers) CheckpointInfo).
+            [outcome] = broadcast([outcome])
+        if isinstance(outcome, tuple):
+            raise ConfigError(*outcome)
+        return outcome
+
+    def _resolve(self, before_step: int | None) -> CheckpointInfo | None:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("run.output_dir", f"{str(self.path)!r} is a file")
         checkpoint = self.config.checkpoint
@@ -142,7 +170,32 @@ class RunDir:
             checkpoint.allow_changes,
             self.config.run.overwrite,
             RUN_FILES,
+            before_step,
         )
+
+    def restore(
+        self, checkpointer: Checkpointer, info: CheckpointInfo, print_fn: Callable[[str], None]
+    ) -> CheckpointInfo:
+        """Model, optimizer, RNGs, task, then the loop's counters and data position, from ``info``
+        (:meth:`Checkpointer.restore`, on every rank); under ``resume: auto`` a corrupt checkpoint
+        gives way to the previous complete one, which the main process finds (:meth:`resolve_start`,
+        with the broadcast it was given) and ``print_fn`` announces. Returns the checkpoint
+        restored."""
+        while True:
+            try:
+                checkpointer.restore(info, print_fn)
+                return info
+            except CheckpointCorruptError as error:
+                if self.config.checkpoint.resume != "auto":
+                    raise
+                previous = self.resolve_start(self._broadcast, before_step=info.step)
+                if previous is None:
+                    raise
+                print_fn(
+                    f"{error.problem}; resuming from the previous complete checkpoint "
+                    f"{previous.path} instead"
+                )
+                info = previous
 
     def start(self, resume_from: CheckpointInfo | None, step: int) -> None:
         """Make the directory ready for a run continuing at ``step`` and write the resolved config.

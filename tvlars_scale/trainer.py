@@ -79,7 +79,8 @@ class Trainer:
             [held_by] = broadcast_object_list([held_by])
             if held_by:
                 raise ConfigError("run.output_dir", held_by)
-        self.resume_from = self.run_dir.resolve_start()
+        # collective: broadcast of the main process's choice (the other ranks look at nothing).
+        self.resume_from = self.run_dir.resolve_start(broadcast_object_list)
 
         set_seed(run.seed)  # the same initial model on every rank
         self.task = build_task(config, self.data, accelerator.process_index)
@@ -130,9 +131,8 @@ class Trainer:
             config_yaml=config.to_yaml(),
             train_state=self,
         )
-        if resume_from is not None:
-            # Model, optimizer, RNGs, task, then this loop's counters and data position.
-            self.checkpointer.restore(resume_from, accelerator.print)
+        if resume_from is not None:  # resume: auto goes past a corrupt checkpoint to the previous
+            resume_from = self.run_dir.restore(self.checkpointer, resume_from, accelerator.print)
             accelerator.print(
                 f"resumed from {resume_from.path} (step {self.state.step}, epoch "
                 f"{self.state.epoch}, {resume_from.world_size} -> {self.plan.world_size} ranks)"

@@ -22,9 +22,11 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tvlars_scale.checkpoint import Checkpointer, directory, policy
+from tvlars_scale.checkpoint.collectives import thread_collectives
 from tvlars_scale.checkpoint.directory import (
     CHECKPOINTS_DIR,
     MANIFEST,
+    RANK_TABLE,
     complete_checkpoints,
     find_latest_complete,
     prune,
@@ -48,13 +50,9 @@ from tvlars_scale.preemption import PreemptionFlag
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _no_barrier() -> None:
-    pass
-
-
 def _save(run_dir: Path, step: int, world_size: int = 1, keep_last: int = 10, **metadata) -> Path:
     """Save ``step`` as the ranks of a ``world_size`` run would: one thread per rank, real barriers."""
-    barrier = threading.Barrier(world_size)
+    collectives, barrier = thread_collectives(world_size)
     paths, errors = {}, []
 
     def rank_main(rank: int) -> None:
@@ -68,7 +66,7 @@ def _save(run_dir: Path, step: int, world_size: int = 1, keep_last: int = 10, **
                 shared_payloads={"shared.pt": {"step": step}, "config.yaml": "a: 1\n"},
                 metadata={"step": step, **metadata},
                 keep_last=keep_last,
-                barrier=lambda: barrier.wait(timeout=30),
+                collectives=collectives[rank],
             )
         except Exception as error:
             errors.append(error)
@@ -94,7 +92,7 @@ def test_save_publishes_a_complete_directory_and_latest(tmp_path):
     path = _save(tmp_path, 3, world_size=2, note="x")
     assert path == tmp_path / CHECKPOINTS_DIR / "step-3"
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        [MANIFEST, rank_file(0), rank_file(1), "shared.pt", "config.yaml"]
+        [MANIFEST, RANK_TABLE, rank_file(0), rank_file(1), "shared.pt", "config.yaml"]
     )
     info = read_manifest(path)
     assert (info.step, info.world_size, info.metadata) == (3, 2, {"step": 3, "note": "x"})
@@ -115,7 +113,6 @@ def test_rank_zero_refuses_to_publish_without_every_rank_file(tmp_path):
             shared_payloads={},
             metadata={},
             keep_last=3,
-            barrier=_no_barrier,
         )
     assert find_latest_complete(tmp_path) is None
     assert (tmp_path / CHECKPOINTS_DIR / ".tmp-step-5").is_dir()
@@ -137,15 +134,13 @@ def test_torn_and_temporary_directories_are_ignored(tmp_path):
         damage(copy)
 
     torn_copy(3, lambda d: (d / MANIFEST).unlink())  # crashed before the manifest
-    torn_copy(4, lambda d: (d / rank_file(1)).write_bytes(b"trunc"))  # size differs
-    torn_copy(5, lambda d: (d / "shared.pt").unlink())  # listed file missing
     torn_copy(6, lambda d: (d / MANIFEST).write_text("{not json"))
     torn_copy(
         7,
         lambda d: (d / MANIFEST).write_text(
-            json.dumps({**json.loads((good / MANIFEST).read_text()), "step": 7, "world_size": 3})
+            json.dumps({**json.loads((good / MANIFEST).read_text()), "step": 5})
         ),
-    )  # claims a third rank whose file is not listed
+    )  # a manifest of another step
     (root / ".tmp-step-8").mkdir()
     (root / ".tmp-step-8" / rank_file(0)).write_bytes(b"partial")
     (root / "latest").write_text("step-8\n")  # a pointer to a torn checkpoint is never trusted
@@ -180,7 +175,6 @@ def test_saving_a_step_again_replaces_it(tmp_path):
         shared_payloads={},
         metadata={"second": True},
         keep_last=3,
-        barrier=_no_barrier,
     )
     assert read_manifest(path).metadata == {"second": True}
     assert torch.equal(directory.load_file(path, rank_file(0))["values"], torch.full((4,), 7))
@@ -194,7 +188,7 @@ def test_sigkill_inside_the_save_leaves_the_previous_checkpoint_as_latest(tmp_pa
         import torch
         from tvlars_scale.checkpoint.directory import save_checkpoint
         save_checkpoint({str(tmp_path)!r}, 2, rank=0, world_size=1, rank_payload={{"x": torch.ones(3)}},
-                        shared_payloads={{}}, metadata={{}}, keep_last=1, barrier=lambda: None)
+                        shared_payloads={{}}, metadata={{}}, keep_last=1)
         """
     )
     env = {**os.environ, "TVLARS_FAULT_KILL": "in_save:2"}
@@ -494,7 +488,6 @@ def _run_with_checkpoint(run_dir: Path, step: int, config: dict) -> None:
         shared_payloads={"config.yaml": yaml.safe_dump(config)},
         metadata={},
         keep_last=5,
-        barrier=_no_barrier,
     )
 
 
@@ -595,7 +588,7 @@ def test_each_rank_gets_its_own_buffers_back_and_old_checkpoints_still_load(tmp_
         process_index=0,
         num_processes=1,
         is_main_process=True,
-        wait_for_everyone=_no_barrier,
+        device=torch.device("cpu"),
     )
     task = SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None)
     position = {"state": {"epoch": 0, "num_samples": 8}}
@@ -611,11 +604,24 @@ def test_each_rank_gets_its_own_buffers_back_and_old_checkpoints_still_load(tmp_
     main_state["1.running_mean"] = main_state["1.running_mean"] + 100.0
     torch.save(main_state, info.path / "model.pt")
     model[1].running_mean.zero_()
-    checkpointer.restore(info, print)
+    checkpointer.restore(_as_format_1(info.path), print)
     assert torch.equal(model[1].running_mean, own)
 
     payload = directory.load_file(info.path, rank_file(0))
     del payload["buffers"]
     torch.save(payload, info.path / rank_file(0))
-    checkpointer.restore(info, print)
+    checkpointer.restore(_as_format_1(info.path), print)
     assert torch.equal(model[1].running_mean, own + 100.0)
+
+
+def _as_format_1(path: Path) -> directory.CheckpointInfo:
+    """Rewrite the manifest as checkpoints were written before checksums (format 1: the size of
+    every file, rank files included, nothing else) and read it back."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / directory.RANK_TABLE).unlink(missing_ok=True)
+    sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.name != MANIFEST}
+    old = {key: manifest[key] for key in ("step", "world_size", "metadata")}
+    (path / MANIFEST).write_text(json.dumps({"format_version": 1, **old, "files": sizes}))
+    info = read_manifest(path)
+    assert (info.format_version, info.geometry) == (1, None)
+    return info

@@ -51,7 +51,6 @@ def _save(run: Path, step: int, state: dict, config: Config, **metadata) -> Path
         shared_payloads={"model.pt": state, "trainer.pt": {}, "config.yaml": config.to_yaml()},
         metadata={"epoch": 1, "num_samples": 64 * step, **metadata},
         keep_last=10,
-        barrier=lambda: None,
     )
 
 

@@ -28,7 +28,6 @@ def checkpoint_at(run, step: int) -> None:
         shared_payloads={"config.yaml": config(run).to_yaml()},
         metadata={},
         keep_last=10,
-        barrier=lambda: None,
     )
 
 

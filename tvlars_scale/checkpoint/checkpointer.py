@@ -24,25 +24,48 @@ Restoring on the same number of ranks continues bitwise. On another number of ra
 optimizer state and data position load exactly; a rank that existed before continues its own random
 streams and buffers, a new rank keeps the fresh streams it was seeded with and the main process's
 buffers (said once on the main process).
+
+What a rank reads to resume: its own rank file, the rank files holding the optimizer pieces it now
+holds (:mod:`.geometry`; at the same world size, its own file), ``trainer.pt`` and ``model.pt``
+(memory-mapped: an FSDP2 rank touches its own rows only). At the same world size that does not grow
+with it; on another, the overlapping files are about ``old / new`` under ZeRO-1/2 windows, more
+under ZeRO-3 slots and FSDP2 row blocks, which cut every layer by its own size. Every file it reads
+is checked against the manifest's size and checksum before anything is loaded, and the ranks agree
+on the outcome in one gather and one broadcast: a corrupt file is :class:`CheckpointCorruptError`,
+one line naming the checkpoint and the file (``resume: auto`` then takes the previous complete
+checkpoint, :meth:`~tvlars_scale.run_dir.RunDir.restore`). Each rank file is unpickled, merged and
+released in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from tvlars_scale.checkpoint.collectives import Collectives, torch_collectives
 from tvlars_scale.checkpoint.directory import (
     CheckpointInfo,
+    CorruptFileError,
+    load_bytes,
     load_file,
     rank_file,
+    rank_record,
+    read_verified,
     save_checkpoint,
+)
+from tvlars_scale.checkpoint.geometry import (
+    first_element_files,
+    rank_files_to_read,
+    saved_geometry,
 )
 from tvlars_scale.checkpoint.layer_state import (
     capture_layer_state,
@@ -54,7 +77,7 @@ from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
-__all__ = ["CheckpointRestoreError", "Checkpointer"]
+__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer", "read_rank_files"]
 
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
@@ -69,6 +92,15 @@ class CheckpointRestoreError(ConfigError):
         if len(problem) > 300:
             problem = problem[:297] + "..."
         super().__init__("checkpoint.resume", f"cannot restore {checkpoint}: {piece}: {problem}")
+
+
+class CheckpointCorruptError(ConfigError):
+    """A file of the checkpoint differs from its manifest (size or checksum), found before anything
+    was loaded: the run may continue from an earlier checkpoint."""
+
+    def __init__(self, checkpoint: Path, line: str):
+        super().__init__("checkpoint.resume", line)
+        self.checkpoint = checkpoint
 
 
 class TrainStateful(Protocol):
@@ -116,6 +148,16 @@ class Checkpointer:
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.fsdp = accelerator.distributed_type == DistributedType.FSDP
         self.layout: ShardedLayout = self._state_layout()
+
+    @functools.cached_property
+    def collectives(self) -> Collectives:
+        return torch_collectives(self.accelerator.device)
+
+    @functools.cached_property
+    def _geometry(self) -> dict | None:
+        """Where each layer's runs are saved (:mod:`.geometry`): collectives on every rank, once,
+        at the first save (the layout never changes)."""
+        return saved_geometry(self.layout, owner=self._owner(), collectives=self.collectives)
 
     def _state_layout(self) -> ShardedLayout:
         """What the optimizer steps on this rank: under ZeRO the layout the layer-wise optimizer is
@@ -244,39 +286,49 @@ class Checkpointer:
             shared_payloads=shared if accelerator.is_main_process else {},
             metadata=metadata,
             keep_last=self.keep_last,
-            # collective: barrier over every rank.
-            barrier=accelerator.wait_for_everyone,
+            collectives=self.collectives,
+            geometry=self._geometry,
         )
 
     # --- restoring ---------------------------------------------------------------------------------
     def restore(self, info: CheckpointInfo, print_fn: Callable[[str], None]) -> dict:
         """Load ``info`` into the model, optimizer, task, global RNGs and the loop's state; return
-        the loop's saved state.
+        the loop's saved state. Call on every rank with the same ``info`` (rank 0's).
 
-        Raises :class:`CheckpointRestoreError` naming the piece that cannot be restored.
+        Raises :class:`CheckpointCorruptError` when a file differs from the manifest (nothing is
+        loaded then), :class:`CheckpointRestoreError` naming the piece that cannot be restored.
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        own = rank if rank < info.world_size else None
+        files, order = read_rank_files(info, self.layout, rank, self.collectives)
+        own_payload = files.pop(own) if own is not None else None
         piece = MODEL_FILE  # what is being restored, for the error
         try:
-            model_state = load_file(info.path, MODEL_FILE)
+            model_state = load_file(info.path, MODEL_FILE, mmap=True)
             with self._full_parameters(modifier_rank=0):
                 self._load_model_state(model_state)
-            payloads = []
-            for r in range(info.world_size):
-                piece = rank_file(r)
-                payloads.append(load_file(info.path, piece, mmap=True))
-            piece = "the optimizer state (per layer, all rank files)"
-            restore_layer_state(self.optimizer, self.layout, [p["layers"] for p in payloads])
-            if rank < info.world_size:
-                piece = f"the random states in {rank_file(rank)}"
-                restore_rng_state(payloads[rank]["rng"])
-                piece = f"the task state in {rank_file(rank)}"
-                self.task.load_state_dict(payloads[rank]["task"])
-                if "buffers" in payloads[rank]:  # checkpoints written before 2026-12 lack them
-                    piece = f"the model buffers in {rank_file(rank)}"
-                    self._load_buffers(payloads[rank]["buffers"])
+            del model_state
+
+            def layer_payloads():
+                nonlocal piece
+                for r in order:
+                    piece = rank_file(r)
+                    payload = own_payload if r == own else load_bytes(files.pop(r))
+                    piece = f"the optimizer state (per layer) in {rank_file(r)}"
+                    yield payload.pop("layers")  # released once merged
+
+            restore_layer_state(self.optimizer, self.layout, layer_payloads())
+            piece = "the optimizer state (per layer)"
+            if own is not None:
+                piece = f"the random states in {rank_file(own)}"
+                restore_rng_state(own_payload["rng"])
+                piece = f"the task state in {rank_file(own)}"
+                self.task.load_state_dict(own_payload["task"])
+                if "buffers" in own_payload:  # checkpoints written before 2026-12 lack them
+                    piece = f"the model buffers in {rank_file(own)}"
+                    self._load_buffers(own_payload["buffers"])
             piece = TRAINER_FILE
-            trainer_state = load_file(info.path, TRAINER_FILE)
+            trainer_state = load_bytes(files.pop(TRAINER_FILE))
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
             problem = " ".join(str(error).split()) or type(error).__name__
             raise CheckpointRestoreError(info.path, piece, problem) from error
@@ -293,6 +345,60 @@ class Checkpointer:
             self.train_state.load_state_dict(trainer_state)
             self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state
+
+
+def _stateless_layers(layout: ShardedLayout, own_layers: dict | None) -> list[str]:
+    """Layers of tensors this rank holds no run of, whose per-tensor state (step counters) its own
+    saved payload does not carry: no file of runs brings it."""
+    names, carried = layout.layer_names, (own_layers or {}).get("scalars", {})
+    empty = [entry for _, entry in layout.items() if not any(p.numel for p in entry.pieces)]
+    return sorted({names[layer] for entry in empty for layer in entry.layers} - carried.keys())
+
+
+def read_rank_files(
+    info: CheckpointInfo, layout: ShardedLayout, rank: int, collectives: Collectives
+) -> tuple[dict[int | str, Any], list[int]]:
+    """Read and check every file ``rank`` needs to restore ``layout`` from ``info``, before
+    anything is loaded; the ranks agree on the outcome (a gather and a broadcast), so a corrupt
+    file anywhere stops every rank at the same point with the same line
+    (:class:`CheckpointCorruptError`).
+
+    Returns the files (rank index -> bytes; its own file already unpickled, as it decides what
+    else is needed; ``trainer.pt``'s bytes) and the rank files to merge, in order: its own, those
+    overlapping its pieces (:func:`.geometry.rank_files_to_read`), then -- only for layers it holds
+    none of and its own file has no step counters for -- those with their first element.
+    """
+    own = rank if rank < info.world_size else None
+    order = rank_files_to_read(info.geometry, layout, info.world_size)
+    files: dict[int | str, Any] = {}
+    problem = None
+    try:
+        for r in sorted({*order, *([] if own is None else [own])}):
+            files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+        if own is not None:
+            files[own] = load_bytes(files[own])
+            order = [own] + [r for r in order if r != own]
+        missing = _stateless_layers(layout, files[own]["layers"] if own is not None else None)
+        for r in first_element_files(info.geometry, missing, info.world_size):
+            if r not in files:
+                files[r] = read_verified(info, rank_file(r), rank_record(info, r))
+                order.append(r)
+        files[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
+        if rank == 0:
+            # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
+            read_verified(info, MODEL_FILE)
+    except CorruptFileError as error:
+        problem = str(error)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        problem = f"checkpoint {info.path}: " + " ".join(str(error).split())
+    # collective: gather of one line (or None) per rank to rank 0.
+    problems = collectives.gather(problem)
+    first = next((p for p in problems if p), None) if problems is not None else None
+    # collective: broadcast of rank 0's verdict.
+    first = collectives.broadcast(first)
+    if first is not None:
+        raise CheckpointCorruptError(info.path, first)
+    return files, order
 
 
 def _is_dtensor(tensor) -> bool:

@@ -24,9 +24,8 @@ needs nothing from the optimizer but ``optimizer.state``.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -100,53 +99,120 @@ def capture_layer_state(
     return payload
 
 
-class _SavedLayers:
-    """The union of every rank's payload, indexed by layer, with its consistency checked."""
+class _Target:
+    """One piece this rank restores, and how many of its elements the checkpoint gave so far."""
 
-    def __init__(self, payloads: Sequence[dict]):
+    def __init__(self, tensor: torch.Tensor, piece: Piece):
+        self.tensor, self.piece = tensor, piece
+        self.covered: dict[str | None, int] = defaultdict(int)  # key (None: the weights) -> count
+
+
+class _Merge:
+    """Saved payloads merged into this rank's layout one at a time, so each can be released as soon
+    as it is merged; :meth:`finish` checks that everything this rank holds was given."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layout: ShardedLayout):
+        self.optimizer, self.layout = optimizer, layout
+        names = layout.layer_names
+        self.current = dict(zip(names, layout.layer_shapes, strict=True))
+        self.targets: dict[str, list[_Target]] = defaultdict(list)
+        for tensor, entry in layout.items():
+            for piece in entry.pieces:
+                self.targets[names[piece.layer]].append(_Target(tensor, piece))
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.scalars: dict[str, dict] = {}
-        self.runs: dict[str, list[dict]] = defaultdict(list)
-        for payload in payloads:
-            for layer, shape in payload["shapes"].items():
-                if self.shapes.setdefault(layer, tuple(shape)) != tuple(shape):
-                    raise ValueError(f"checkpoint ranks disagree on the shape of {layer}")
-            for layer, values in payload["scalars"].items():
-                known = self.scalars.setdefault(layer, values)
-                if not _same_values(known, values):
-                    raise ValueError(f"checkpoint ranks disagree on the optimizer state of {layer}")
-            for run in payload["runs"]:
-                self.runs[run["layer"]].append(run)
-        for layer, shape in self.shapes.items():
-            runs = sorted(self.runs.get(layer, []), key=lambda run: run["offset"])
-            covered = 0
-            for run in runs:
-                if run["offset"] != covered:
-                    raise ValueError(
-                        f"checkpoint is missing elements {covered}..{run['offset']} of {layer}"
-                    )
-                covered += run["numel"]
-            if covered != math.prod(shape):
-                raise ValueError(
-                    f"checkpoint holds {covered} of the {math.prod(shape)} elements of {layer}"
-                )
-            self.runs[layer] = runs
+        self.state: dict[int, dict[str, torch.Tensor]] = defaultdict(
+            dict
+        )  # id(tensor) -> key -> buffer
 
-    def copy_into(self, target: torch.Tensor, layer: str, piece: Piece, key: str | None) -> None:
-        """Fill ``piece`` (of ``layer``) in ``target`` from the saved runs (``key`` None: the
-        weights)."""
+    def add(self, payload: dict) -> None:
+        for layer, shape in payload["shapes"].items():
+            if self.shapes.setdefault(layer, tuple(shape)) != tuple(shape):
+                raise ValueError(f"checkpoint ranks disagree on the shape of {layer}")
+        for layer, values in payload["scalars"].items():
+            known = self.scalars.setdefault(layer, values)
+            if not _same_values(known, values):
+                raise ValueError(f"checkpoint ranks disagree on the optimizer state of {layer}")
+        for run in payload["runs"]:
+            layer = run["layer"]
+            if self.current.get(layer) != self.shapes.get(layer):
+                continue  # :meth:`finish` names the mismatch; nothing is copied into a wrong shape
+            for target in self.targets.get(layer, ()):
+                self._copy(run, target)
+
+    def _copy(self, saved: dict, target: _Target) -> None:
+        piece = target.piece
         first, last = piece.layer_offset, piece.layer_offset + piece.numel
-        destination = _run_of(target, piece)
-        for saved in self.runs[layer]:
-            begin, end = max(first, saved["offset"]), min(last, saved["offset"] + saved["numel"])
-            if begin >= end:
+        begin, end = max(first, saved["offset"]), min(last, saved["offset"] + saved["numel"])
+        if begin >= end:
+            return
+        destination, source = (
+            slice(begin - first, end - first),
+            slice(begin - saved["offset"], end - saved["offset"]),
+        )
+        _run_of(target.tensor, piece)[destination].copy_(saved["weights"][source])
+        target.covered[None] += end - begin
+        buffers = self.state[id(target.tensor)]
+        for key, values in saved["state"].items():
+            if key not in buffers:
+                # Padding of a flat partition is never read by the layer-wise update: zeros are fine.
+                buffers[key] = torch.zeros_like(target.tensor)
+            _run_of(buffers[key], piece)[destination].copy_(values[source])
+            target.covered[key] += end - begin
+
+    def finish(self) -> None:
+        names = self.layout.layer_names
+        for layer in sorted(self.current.keys() | self.shapes.keys()):
+            if layer not in self.shapes:
+                raise ValueError(f"checkpoint has no weights for parameter {layer}")
+            if layer not in self.current:
+                raise ValueError(
+                    f"checkpoint has parameter {layer}, which this model does not have"
+                )
+            if self.current[layer] != self.shapes[layer]:
+                raise ValueError(
+                    f"parameter {layer} has shape {list(self.current[layer])} here but "
+                    f"{list(self.shapes[layer])} in the checkpoint"
+                )
+        for layer, targets in self.targets.items():
+            for target in targets:
+                if target.covered[None] != target.piece.numel:
+                    raise ValueError(
+                        f"checkpoint holds {target.covered[None]} of the {target.piece.numel} "
+                        f"elements of {layer} from element {target.piece.layer_offset} on that "
+                        "this rank needs"
+                    )
+        for tensor, entry in self.layout.items():
+            layers = [names[k] for k in entry.layers]
+            stepped = [layer for layer in layers if layer in self.scalars]
+            if not stepped:  # never stepped when the checkpoint was taken: nothing to restore
+                self.optimizer.state.pop(tensor, None)
                 continue
-            source = saved["weights"] if key is None else saved["state"].get(key)
-            if source is None:
-                raise ValueError(f"checkpoint has no optimizer state {key!r} for {layer}")
-            destination[begin - first : end - first].copy_(
-                source[begin - saved["offset"] : end - saved["offset"]]
-            )
+            if len(stepped) != len(layers):
+                raise ValueError(
+                    f"{sorted(set(layers) - set(stepped))} have no optimizer state in the "
+                    f"checkpoint but share a partition with {stepped[0]}, which has"
+                )
+            scalars = self.scalars[stepped[0]]
+            for layer in stepped[1:]:
+                if not _same_values(scalars, self.scalars[layer]):
+                    raise ValueError(
+                        f"{stepped[0]} and {layer} share one optimizer partition here but have "
+                        "different per-tensor optimizer state (step counters) in the checkpoint"
+                    )
+            buffers = self.state.pop(id(tensor), {})
+            for key in buffers:
+                for piece in entry.pieces:
+                    covered = next(
+                        t.covered[key] for t in self.targets[names[piece.layer]] if t.piece is piece
+                    )
+                    if covered != piece.numel:
+                        raise ValueError(
+                            f"checkpoint has no optimizer state {key!r} for part of "
+                            f"{names[piece.layer]}"
+                        )
+            state = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
+            self.optimizer.state[tensor] = {**state, **dict(sorted(buffers.items()))}
 
 
 def _same_values(a: dict, b: dict) -> bool:
@@ -164,52 +230,18 @@ def _same_values(a: dict, b: dict) -> bool:
 
 @torch.no_grad()
 def restore_layer_state(
-    optimizer: torch.optim.Optimizer, layout: ShardedLayout, payloads: Sequence[dict]
+    optimizer: torch.optim.Optimizer, layout: ShardedLayout, payloads: Iterable[dict]
 ) -> None:
-    """Load every rank's :func:`capture_layer_state` payload into this rank's ``layout``.
+    """Load :func:`capture_layer_state` payloads into this rank's ``layout``.
 
-    The master weights are copied into the stepped tensors (parameters or fp32 partitions) and the
-    optimizer state is replaced. Raises ``ValueError`` naming the layer when a piece is missing,
-    the layers differ from the model's, or a partition's layers carry different step counters.
+    ``payloads`` may be every rank's, or only those holding what this rank needs (and, for each
+    layer, one carrying its per-tensor state); they are merged one at a time as the iterable yields
+    them, so a generator that loads each file on demand holds one at once. The master weights are
+    copied into the stepped tensors (parameters or fp32 partitions) and the optimizer state is
+    replaced. Raises ``ValueError`` naming the layer when a piece is missing, the layers differ from
+    the model's, or a partition's layers carry different step counters.
     """
-    saved = _SavedLayers(payloads)
-    names = layout.layer_names
-    current = dict(zip(names, layout.layer_shapes, strict=True))
-    for layer in sorted(current.keys() | saved.shapes.keys()):
-        if layer not in saved.shapes:
-            raise ValueError(f"checkpoint has no weights for parameter {layer}")
-        if layer not in current:
-            raise ValueError(f"checkpoint has parameter {layer}, which this model does not have")
-        if current[layer] != saved.shapes[layer]:
-            raise ValueError(
-                f"parameter {layer} has shape {list(current[layer])} here but "
-                f"{list(saved.shapes[layer])} in the checkpoint"
-            )
-    for tensor, entry in layout.items():
-        for piece in entry.pieces:
-            saved.copy_into(tensor, names[piece.layer], piece, None)
-        layers = [names[k] for k in entry.layers]
-        stepped = [layer for layer in layers if layer in saved.scalars]
-        if not stepped:  # never stepped when the checkpoint was taken: nothing to restore
-            optimizer.state.pop(tensor, None)
-            continue
-        if len(stepped) != len(layers):
-            raise ValueError(
-                f"{sorted(set(layers) - set(stepped))} have no optimizer state in the "
-                f"checkpoint but share a partition with {stepped[0]}, which has"
-            )
-        scalars = saved.scalars[stepped[0]]
-        for layer in stepped[1:]:
-            if not _same_values(scalars, saved.scalars[layer]):
-                raise ValueError(
-                    f"{stepped[0]} and {layer} share one optimizer partition here but have "
-                    "different per-tensor optimizer state (step counters) in the checkpoint"
-                )
-        keys = {key for layer in layers for run in saved.runs[layer] for key in run["state"]}
-        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
-        for key in sorted(keys):
-            # Padding of a flat partition is never read by the layer-wise update: zeros are fine.
-            state[key] = torch.zeros_like(tensor)
-            for piece in entry.pieces:
-                saved.copy_into(state[key], names[piece.layer], piece, key)
-        optimizer.state[tensor] = state
+    merge = _Merge(optimizer, layout)
+    for payload in payloads:
+        merge.add(payload)
+    merge.finish()

@@ -139,12 +139,16 @@ def resolve_resume(
     allowed: Iterable[str],
     overwrite: bool,
     run_files: Iterable[str],
+    before_step: int | None = None,
 ) -> CheckpointInfo | None:
     """The checkpoint to continue from (``None``: start a new run), after every check.
 
     ``current_config`` is the resolved config as a plain mapping; ``run_files`` are the names a run
     writes at the top of its directory (their presence means the directory holds a run).
-    Raises ``ConfigError`` when the start must be refused.
+    ``before_step`` (``resume: auto`` only): the newest complete checkpoint older than that step,
+    the one to fall back to when the newest turned out corrupt. Lists the checkpoints directory once
+    and reads manifests newest first: call it on one rank. Raises ``ConfigError`` when the start
+    must be refused.
     """
     run_dir = Path(run_dir)
     existing = [name for name in run_files if (run_dir / name).exists()]
@@ -158,7 +162,7 @@ def resolve_resume(
             )
         return None
     if resume == "auto":
-        info = find_latest_complete(run_dir)
+        info = find_latest_complete(run_dir, before_step)
         if info is None:
             if existing and not overwrite and (run_dir / CONFIG_FILE).exists():
                 # Killed before its first checkpoint: start again, but only the same run.
