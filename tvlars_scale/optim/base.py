@@ -111,7 +111,7 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.foreach = foreach
         self._layout: ShardedLayout | None = None
-        self._plans: dict = {}
+        self._plans: dict = {}  # ids of a call's tensors -> (their step offsets, the plan)
         self._scratch_buffers: dict = {}  # (device, dtype) -> flat buffer; not optimizer state
         self.telemetry: dict[tuple[str, ...], LayerStats] = {}
 
@@ -334,12 +334,16 @@ class LayerwiseOptimizer(Optimizer):
         if not entries:
             return None, 0
         base_step = min(step for _, _, step in entries)
-        key = (id(self._layout), tuple((id(p), step - base_step) for _, p, step in entries))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._build_plan(entries, base_step)
-            self._plans = {key: plan}  # keep one: shapes change rarely, ids must not pile up
-        return plan, base_step
+        # One plan per set of tensors stepped together: DeepSpeed calls step() once per parameter
+        # group (ZeRO-1/2) or sub-group (ZeRO-3), so one cached plan would be rebuilt, with its
+        # index tensors copied to the device, on every call. The tensors are held by the param
+        # groups (or the bound layout), so their ids are stable and the entries do not pile up.
+        key = tuple(id(p) for _, p, _ in entries)
+        offsets = tuple(step - base_step for _, _, step in entries)
+        cached = self._plans.get(key)
+        if cached is None or cached[0] != offsets:
+            cached = self._plans[key] = (offsets, self._build_plan(entries, base_step))
+        return cached[1], base_step
 
     def _build_plan(self, entries, base_step: int) -> _Plan:
         layout = self._layout
