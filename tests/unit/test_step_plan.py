@@ -94,3 +94,19 @@ def test_steps_after_the_first_build_no_tensor_from_host_data(factory, monkeypat
     assert len(optimizer._plans) == 2  # one per parameter group
     assert all(optimizer.state[flat]["step"] == 4 for flat in flats)
     assert set(optimizer.layer_stats()) == {"a.weight", "a.bias", "b.weight"}
+
+
+def test_a_rank_holding_only_padding_steps_and_records_every_layer():
+    # ZeRO-1/2 at a large world size: the last ranks' partitions hold only the padded tail.
+    padding = torch.zeros(4)
+    padding.grad = torch.zeros(4)
+    optimizer = TVLARS([padding], lr=1.0)
+    layout = ShardedLayout(
+        ["a.weight", "a.bias"], [(4, 3), (3,)], [(padding, TensorLayout((0, 1), ()))]
+    )
+    optimizer.bind_layout(layout)
+    with one_rank_process_group():
+        optimizer.step()
+    assert optimizer.state[padding]["step"] == 1
+    assert set(optimizer.layer_stats()) == {"a.weight", "a.bias"}
+    assert torch.equal(padding, torch.zeros(4))

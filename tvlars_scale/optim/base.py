@@ -96,6 +96,7 @@ class _CallLayers:
 @dataclass
 class _Plan:
     buckets: list[_Bucket]
+    device: torch.device
     num_layers: int
     piece_to_layer: torch.Tensor | None  # None: pieces are whole layers, nothing to reduce
     # Tensors of which this rank holds no piece (FSDP2: a layer with fewer rows than ranks):
@@ -337,7 +338,7 @@ class LayerwiseOptimizer(Optimizer):
                 LOOP,
                 0,
             )  # one tensor at a time, every op on it before the next, like torch's loop
-        if plan.buckets[0].params[0].device.type == "cpu":
+        if plan.device.type == "cpu":
             # On the CPU the update is memory bound: working through bounded chunks, every op on a
             # chunk before the next, lets one chunk's temporaries (d) be reused by the next instead
             # of faulting in a whole model's worth, and bounds the step's peak memory.
@@ -430,6 +431,7 @@ class LayerwiseOptimizer(Optimizer):
             record.index = torch.tensor(record.positions, dtype=torch.long, device=device)
         return _Plan(
             buckets=ordered,
+            device=device,
             num_layers=len(call_layers),
             piece_to_layer=(
                 torch.tensor(piece_to_layer, dtype=torch.long, device=device) if sharded else None
