@@ -94,17 +94,19 @@ class Transform:
 
 
 class _MicroBatches(Dataset):
-    """Item ``k``: this rank's ``k``-th micro batch of the epoch, decoded (runs in a worker)."""
+    """Item ``k``: this rank's ``k``-th micro batch of the epoch, decoded (runs in a worker): the
+    samples ``order[bounds[k]:bounds[k + 1]]`` (:meth:`EpochShards.rank_order`)."""
 
-    def __init__(self, source, rows, padding, transform, epoch, bad_images) -> None:
-        self.source, self.rows, self.padding = source, rows, padding
+    def __init__(self, source, order, padding, bounds, transform, epoch, bad_images) -> None:
+        self.source, self.order, self.padding, self.bounds = source, order, padding, bounds
         self.transform, self.epoch, self.bad_images = transform, epoch, bad_images
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.bounds) - 1
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        row = self.rows[k]
+        batch = slice(self.bounds[k], self.bounds[k + 1])
+        row = self.order[batch]
         size = self.transform.size
         images = torch.empty((len(row), 3, size, size), dtype=torch.uint8)
         labels = torch.empty(len(row), dtype=torch.int64)
@@ -113,7 +115,7 @@ class _MicroBatches(Dataset):
             used = self._sample(int(index), images, slot, skipped)
             labels[slot] = int(self.source.labels[used])
         if self.padding is not None:
-            labels.masked_fill_(torch.from_numpy(self.padding[k]), PAD_LABEL)
+            labels.masked_fill_(torch.from_numpy(self.padding[batch]), PAD_LABEL)
         return images, labels, skipped
 
     def _sample(self, index: int, images: torch.Tensor, slot: int, skipped: list[str]) -> int:
@@ -155,6 +157,7 @@ class StreamingLoader(EpochShards):
         seed: int = 0,
         drop_last: bool = True,
         grad_accum_steps: int = 1,
+        global_batch_size: int | None = None,
         *,
         num_workers: int = 4,
         prefetch_factor: int = 2,
@@ -176,6 +179,7 @@ class StreamingLoader(EpochShards):
             seed=seed,
             drop_last=drop_last,
             grad_accum_steps=grad_accum_steps,
+            global_batch_size=global_batch_size,
         )
 
     def state_dict(self) -> dict:
@@ -186,10 +190,10 @@ class StreamingLoader(EpochShards):
         self.skipped_images = state.get("skipped_images", 0)
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        order, is_padding = self.rank_order()
+        order, is_padding, bounds = self.rank_order()
         padding = None if self.drop_last else is_padding.numpy()
         dataset = _MicroBatches(
-            self.source, order.numpy(), padding, self.transform, self.epoch, self.bad_images
+            self.source, order.numpy(), padding, bounds, self.transform, self.epoch, self.bad_images
         )
         workers = self.num_workers
         loader = DataLoader(
