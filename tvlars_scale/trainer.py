@@ -252,7 +252,7 @@ class Trainer:
         # last micro-batch whatever happened before (a resume mid-epoch, a previous epoch's tail).
         self.accelerator.step = 0
         accumulation = StepAccumulation(
-            self.accelerator, self.model, self.precision, self.state.attempts
+            self.accelerator, self.model, self.precision, self.state.attempts, self.plan
         )
         loss = self.task.forward_backward(self.model, micro_batches, accumulation)
         if accumulation.num_micro_batches != self.plan.grad_accum_steps:
