@@ -83,11 +83,12 @@ class BatchPlan:
             for round_size in self.round_sizes()
             for size in split_evenly(round_size, self.world_size)
         ]
-        smallest, largest = min(sizes), max(sizes)
+        smallest, largest, num_largest = min(sizes), max(sizes), sizes.count(max(sizes))
+        take = "takes" if num_largest == 1 else "take"
         return (
             f"effective batch {self.global_batch_size} = {self.world_size} {ranks} x "
             f"{self.grad_accum_steps} accumulation x {smallest}-{largest} micro "
-            f"({sizes.count(largest)} of the {len(sizes)} micro batches take {largest})"
+            f"({num_largest} of the {len(sizes)} micro batches {take} {largest})"
         )
 
 
