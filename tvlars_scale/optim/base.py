@@ -390,9 +390,7 @@ class LayerwiseOptimizer(Optimizer):
                     if layer in call_layers:
                         continue
                     call_layers[layer] = len(call_layers)
-                    adapted = group["adapt"] and not (
-                        group["exclude_1d"] and len(layout.layer_shapes[layer]) <= 1
-                    )
+                    adapted = group["adapt"] and not _excluded(group, layout.layer_shapes[layer])
                     offset = step - base_step
                     record = records.setdefault(
                         (group_index, adapted, offset), _CallLayers(group, adapted, offset)
@@ -401,8 +399,7 @@ class LayerwiseOptimizer(Optimizer):
                     record.positions.append(call_layers[layer])
             for layer, name, shape, span in pieces:
                 position = call_layers.setdefault(layer, len(call_layers))
-                # The exclusion rule reads the layer's original shape, never a flat partition's.
-                excluded = group["exclude_1d"] and len(shape) <= 1
+                excluded = _excluded(group, shape)
                 adapted = group["adapt"] and not excluded
                 bucket = buckets.setdefault(
                     (group_index, adapted, not excluded, step - base_step),
@@ -476,6 +473,12 @@ class LayerwiseOptimizer(Optimizer):
             )
             for piece in entry.pieces
         ]
+
+
+def _excluded(group: dict, shape: tuple[int, ...]) -> bool:
+    """Excluded from adaptation and weight decay: decided by the layer's ORIGINAL shape, never by a
+    flat partition's."""
+    return group["exclude_1d"] and len(shape) <= 1
 
 
 def _is_sharded_dtensor(tensor: torch.Tensor) -> bool:
