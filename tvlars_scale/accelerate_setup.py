@@ -196,13 +196,21 @@ def _mlflow_tracker(output_dir: Path) -> MLflowTracker:
     )
 
 
+def deepspeed_train_batch_size(plan: BatchPlan) -> int:
+    """What DeepSpeed is told its train batch is: it requires ``micro x accumulation x world``
+    (its config check), so an uneven plan gives it its upper bound, one sample more on the ranks
+    that take one less. DeepSpeed only counts samples and times throughput with it; the
+    gradient (accumulation scaling, data-parallel mean) does not depend on it."""
+    return plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
+
+
 def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
     """Write the batch plan into the DeepSpeed config; refuse a config file that disagrees."""
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     wanted = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
-        "train_batch_size": plan.global_batch_size,
+        "train_batch_size": deepspeed_train_batch_size(plan),
     }
     for key, value in wanted.items():
         current = ds_config.get(key, "auto")
@@ -240,7 +248,7 @@ def check_engine_plan(engine, accelerator: Accelerator, plan: BatchPlan) -> None
     expected = (
         plan.micro_batch_size,
         plan.grad_accum_steps,
-        plan.global_batch_size,
+        deepspeed_train_batch_size(plan),
         plan.grad_accum_steps,
     )
     if actual != expected:
@@ -286,9 +294,11 @@ class StepAccumulation:
         model: nn.Module,
         precision: AbstractContextManager,
         attempt: int,
+        plan: BatchPlan,
     ):
         self.accelerator, self.model, self.precision = accelerator, model, precision
         self.attempt = attempt  # for fault_injection's NaN hook
+        self.loss_weight = plan.loss_weight
         self.num_micro_batches = 0
 
     @contextmanager

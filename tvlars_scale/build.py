@@ -62,7 +62,8 @@ _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def batch_plan(config: Config, world_size: int) -> BatchPlan:
-    """``global = micro x accumulation x ranks`` for the world size the run was launched with."""
+    """``global = micro x accumulation x ranks`` for the world size the run was launched with
+    (micro batches differing by one sample where it does not divide)."""
     return plan_batches(config.batch.global_batch_size, config.batch.micro_batch_size, world_size)
 
 
@@ -209,6 +210,7 @@ def loaders(
         seed=seed,
         drop_last=True,
         grad_accum_steps=plan.grad_accum_steps,
+        global_batch_size=plan.global_batch_size,
     )
     evaluation = MicroBatchLoader(
         data.test_images.to(device),
@@ -249,6 +251,7 @@ def _streaming_loaders(
         seed=seed,
         drop_last=True,
         grad_accum_steps=plan.grad_accum_steps,
+        global_batch_size=plan.global_batch_size,
         **workers,
     )
     evaluation = StreamingLoader(

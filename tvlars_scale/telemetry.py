@@ -11,7 +11,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, reduce
+from accelerate.utils import reduce
 from torch import Tensor
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "LogWindow",
     "StatsByLayer",
     "adapted_layer_names",
-    "gather_layer_stats",
+    "main_process_layer_stats",
     "run_metrics",
     "trust_ratio_summary",
 ]
@@ -70,19 +70,19 @@ def adapted_layer_names(optimizer: torch.optim.Optimizer) -> set[str]:
     return names
 
 
-def gather_layer_stats(optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> StatsByLayer:
-    """The last step's per-layer norms and trust ratios of every layer ({} for plain SGD)."""
-    if not hasattr(optimizer, "layer_stats"):
+def main_process_layer_stats(
+    optimizer: torch.optim.Optimizer, accelerator: Accelerator
+) -> StatsByLayer:
+    """The last step's per-layer norms and trust ratios of every layer, on the main process (which
+    writes them); ``{}`` on the others and for plain SGD.
+
+    No collective: under ZeRO / FSDP2 the step's one norm all-reduce already gave every rank the
+    whole-layer norms of every layer, and the optimizer records them all (a log step receives only
+    the loss, whatever the world size and the layer count).
+    """
+    if not (accelerator.is_main_process and hasattr(optimizer, "layer_stats")):
         return {}
-    stats = optimizer.layer_stats()  # host sync (inside layer_stats)
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        # Under ZeRO / FSDP2 a rank only records the layers it holds a piece of.
-        # collective: all_gather_object of every rank's per-layer statistics.
-        merged: StatsByLayer = {}
-        for rank_stats in gather_object([stats]):
-            merged.update(rank_stats)
-        stats = merged
-    return stats
+    return optimizer.layer_stats()  # host sync (inside layer_stats)
 
 
 def trust_ratio_summary(stats: StatsByLayer, adapted_layers: set[str]) -> dict[str, float]:

@@ -38,7 +38,7 @@ from tvlars_scale.tasks import MicroBatch, MicroBatches, build_task
 from tvlars_scale.telemetry import (
     LogWindow,
     adapted_layer_names,
-    gather_layer_stats,
+    main_process_layer_stats,
     run_metrics,
     trust_ratio_summary,
 )
@@ -252,7 +252,7 @@ class Trainer:
         # last micro-batch whatever happened before (a resume mid-epoch, a previous epoch's tail).
         self.accelerator.step = 0
         accumulation = StepAccumulation(
-            self.accelerator, self.model, self.precision, self.state.attempts
+            self.accelerator, self.model, self.precision, self.state.attempts, self.plan
         )
         loss = self.task.forward_backward(self.model, micro_batches, accumulation)
         if accumulation.num_micro_batches != self.plan.grad_accum_steps:
@@ -326,7 +326,7 @@ class Trainer:
         phi = getattr(self.optimizer, "last_phi", None)
         if phi is not None:
             values["phi_t"] = phi
-        stats = gather_layer_stats(self.optimizer, self.accelerator)
+        stats = main_process_layer_stats(self.optimizer, self.accelerator)
         if stats:
             record = {"step": self.state.step, "lr": lr, "phi_t": phi, "layers": stats}
             self.run_dir.append_layer_stats(record)

@@ -110,7 +110,14 @@ def run_mesh(mesh_name: str) -> dict:
     num_ranks = math.prod(shape)
     mesh = make_mesh(shape)
     member = dist.get_rank() < num_ranks
-    results = {"params": {}, "collectives": {}, "dispatched": {}, "layers": {}, "naive": {}}
+    results = {
+        "params": {},
+        "collectives": {},
+        "dispatched": {},
+        "layers": {},
+        "layer_stats": {},
+        "naive": {},
+    }
     for name in tiny_training.OPTIMIZER_SETTINGS:
         if member:
             model, optimizer = make_sharded(name, mesh)
@@ -122,6 +129,7 @@ def run_mesh(mesh_name: str) -> dict:
             results["layers"][name] = capture_layer_state(
                 optimizer, layout, owner=layout.replica_rank == 0
             )
+            results["layer_stats"][name] = optimizer.layer_stats()
         if mesh_name in NAIVE_MESHES:
             # The naive design: the same pieces, norms reduced over this rank alone (a group of
             # one), i.e. each rank takes the trust ratio of its own rows of a layer.

@@ -74,6 +74,16 @@ def test_fsdp2_training_matches_one_process(ranks, references, mesh, optimizer_n
     assert error < TOLERANCE, f"{mesh}/{optimizer_name}: {layer} off by {error:.2e}"
 
 
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_every_rank_holds_every_layers_statistics(ranks, mesh, optimizer_name):
+    # The step's norm all-reduce gives each rank every layer's whole norms: no gather at a log step.
+    reference = tiny_training.reference_layer_stats(optimizer_name, num_ranks(mesh))
+    for result in members(ranks, mesh):
+        stats = result["layer_stats"][optimizer_name]
+        tiny_training.assert_layer_stats_match(stats, reference, rel=TOLERANCE)
+
+
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
 def test_training_moves_every_layer(references, optimizer_name):
     # Guards the agreement test against step sizes too small for wrong norms to show.

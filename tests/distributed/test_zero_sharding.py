@@ -74,6 +74,16 @@ def test_parallel_training_matches_one_process(ranks, references, setting, optim
     assert error < TOLERANCE, f"{setting}/{optimizer_name}: {layer} off by {error:.2e}"
 
 
+@pytest.mark.parametrize("setting", SHARDED_SETTINGS)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_every_rank_holds_every_layers_statistics(ranks, setting, optimizer_name):
+    # The step's norm all-reduce gives each rank every layer's whole norms: no gather at a log step.
+    reference = tiny_training.reference_layer_stats(optimizer_name)
+    for rank in ranks:
+        stats = rank["checkpoint"][setting, optimizer_name]["layer_stats"]
+        tiny_training.assert_layer_stats_match(stats, reference, rel=TOLERANCE)
+
+
 @pytest.mark.parametrize("setting", zero_worker.NAIVE_SETTINGS)
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
 def test_shard_local_norms_fail_the_agreement(ranks, references, setting, optimizer_name):

@@ -14,6 +14,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -102,6 +103,17 @@ def initial_parameters() -> dict[str, torch.Tensor]:
 
 def train_reference(optimizer_name: str, world_size: int = WORLD_SIZE) -> dict[str, torch.Tensor]:
     """One process holding every global batch (of ``world_size`` ranks' chunks)."""
+    model, _ = _trained_reference(optimizer_name, world_size)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def reference_layer_stats(optimizer_name: str, world_size: int = WORLD_SIZE) -> dict:
+    """The per-layer norms and trust ratios of :func:`train_reference`'s last step."""
+    _, optimizer = _trained_reference(optimizer_name, world_size)
+    return optimizer.layer_stats()
+
+
+def _trained_reference(optimizer_name: str, world_size: int):
     model, optimizer = make_model_and_optimizer(optimizer_name)
     images, labels = make_data(world_size)
     for step in range(NUM_STEPS):
@@ -113,7 +125,7 @@ def train_reference(optimizer_name: str, world_size: int = WORLD_SIZE) -> dict[s
                 (loss / (world_size * GRAD_ACCUM_STEPS)).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return model, optimizer
 
 
 def train_ddp(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -174,6 +186,14 @@ def gather_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     # collective: ZeRO-3 all-gathers the partitioned parameters
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_layer_stats_match(stats: dict, reference: dict, rel: float) -> None:
+    """Every layer's weight / update norm and trust ratio, against the one-process run's."""
+    assert list(stats) and set(stats) == set(reference)
+    for name, values in reference.items():
+        for key, value in values.items():
+            assert stats[name][key] == pytest.approx(value, rel=rel), (name, key)
 
 
 def worst_relative_error(

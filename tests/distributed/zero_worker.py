@@ -117,6 +117,8 @@ def run_zero(optimizer_name: str, stage: int, zero_overrides: dict, naive: bool 
     saved = {
         "same_layout": checkpointer.layout is optimizer.layout is layout,
         "layers": capture_layer_state(optimizer, checkpointer.layout, owner=True),
+        # What the trainer writes at a log step, held by each rank without a gather.
+        "layer_stats": optimizer.layer_stats(),
     }
     return params, dict(counts), _layers_in_partition(engine), saved
 

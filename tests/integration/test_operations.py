@@ -42,16 +42,25 @@ def test_dry_run_prints_the_plan_for_the_launch_and_writes_nothing(tmp_path):
     assert "a new run in" in result.stdout
     assert not run_dir.exists()
 
-    # 96 = 32 micro x 1.5 accumulation x 2 ranks: refused for this launch, in one line (the ranks
-    # exit 2; the launcher reports its failed workers after it).
+    # 97 does not divide over 2 ranks: planned as micro batches of 24 and 25 samples.
     result = run(
-        "--dry-run", f"run.output_dir={run_dir}", "batch.global_batch_size=96", launcher=zero2
+        "--dry-run", f"run.output_dir={run_dir}", "batch.global_batch_size=97", launcher=zero2
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "effective batch 97 = 2 ranks x 2 accumulation x 24-25 micro "
+        "(1 of the 4 micro batches takes 25)" in result.stdout
+    )
+    # One sample cannot feed two ranks: refused for this launch, in one line (the ranks exit 2;
+    # the launcher reports its failed workers after it).
+    result = run(
+        "--dry-run", f"run.output_dir={run_dir}", "batch.global_batch_size=1", launcher=zero2
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("config error")]
     assert errors == [
-        "config error: batch.global_batch_size: 96 is not divisible by micro_batch_size x "
-        "world size = 32 x 2 = 64"
+        "config error: batch.global_batch_size: 1 is smaller than the world size 2: some ranks "
+        "would get no sample"
     ]
     assert "exitcode  : 2" in result.stderr
     result = run(

@@ -443,12 +443,12 @@ def test_bad_inputs_through_real_processes(world):
         world / "good.yaml",
         DDP,
         f"run.output_dir={new_run}",
-        "batch.global_batch_size=96",  # a multiple of the micro batch 32, not of 32 x 2 ranks
+        "batch.global_batch_size=1",  # not a sample for each rank
     )
     assert result.returncodes == [2, 2], result.describe()
     assert result.outputs == [
-        "config error: batch.global_batch_size: 96 is not divisible by micro_batch_size x world "
-        "size = 32 x 2 = 64\n",
+        "config error: batch.global_batch_size: 1 is smaller than the world size 2: some ranks "
+        "would get no sample\n",
         "",
     ], result.describe()
     assert not new_run.exists()

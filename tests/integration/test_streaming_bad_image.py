@@ -25,8 +25,8 @@ SEED, MICRO, GLOBAL = 7, 4, 8  # 32 images: 4 steps of 2 micro batches per epoch
 def test_an_unreadable_image_is_one_line_exit_4_and_the_last_checkpoint_intact(tmp_path):
     tree = make_tree(tmp_path / "tree", num_classes=4, per_class=8)
     # The first sample of the third step of epoch 0 (steps 1 and 2 are checkpointed before it).
-    order, _ = EpochShards(32, MICRO, 0, 1, seed=SEED, grad_accum_steps=2).rank_order()
-    victim = Path(open_streaming("imagenet", str(tree), SIDE).train.path(int(order[4, 0])))
+    order, _, bounds = EpochShards(32, MICRO, 0, 1, seed=SEED, grad_accum_steps=2).rank_order()
+    victim = Path(open_streaming("imagenet", str(tree), SIDE).train.path(int(order[bounds[4]])))
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     run_dir = tmp_path / "run"
     config = {

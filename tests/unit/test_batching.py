@@ -30,13 +30,51 @@ def test_accumulation_is_recovered_from_any_product(micro, world, accum):
 
 
 @pytest.mark.parametrize(
-    ("global_batch", "micro", "world"), [(100, 64, 1), (64, 64, 2), (96, 16, 4)]
+    ("global_batch", "micro", "world"),
+    [(100, 64, 1), (64, 64, 3), (96, 16, 5), (512, 64, 3), (32768, 128, 1000), (32768, 128, 3072)],
 )
-def test_splits_that_leave_a_rest_are_refused(global_batch, micro, world):
+def test_splits_that_leave_a_rest_take_every_sample_once(global_batch, micro, world):
+    plan = plan_batches(global_batch, micro, world)
+    assert plan.grad_accum_steps == math.ceil(global_batch / (micro * world))
+    sizes = [plan.rank_micro_batch_sizes(rank) for rank in range(world)]
+    assert all(len(rank_sizes) == plan.grad_accum_steps for rank_sizes in sizes)
+    flat = [size for rank_sizes in sizes for size in rank_sizes]
+    assert sum(flat) == global_batch
+    assert max(flat) == plan.micro_batch_size <= micro
+    assert min(flat) >= plan.micro_batch_size - 1 >= 0
+    # Each micro batch's mean loss, weighted, then divided by the accumulation and averaged over
+    # the ranks, counts each of its samples 1 / global_batch: the step is the global mean.
+    for size in set(flat):
+        share = plan.loss_weight(size) / (size * plan.grad_accum_steps * world)
+        assert share == pytest.approx(1 / global_batch, rel=1e-15)
+
+
+def test_32k_over_1000_and_3072_ranks_is_described_in_one_line():
+    assert plan_batches(32768, 128, 1000).describe() == (
+        "effective batch 32768 = 1000 ranks x 1 accumulation x 32-33 micro "
+        "(768 of the 1000 micro batches take 33)"
+    )
+    assert plan_batches(32768, 128, 3072).describe() == (
+        "effective batch 32768 = 3072 ranks x 1 accumulation x 10-11 micro "
+        "(2048 of the 3072 micro batches take 11)"
+    )
+    assert plan_batches(512, 64, 3).describe() == (
+        "effective batch 512 = 3 ranks x 3 accumulation x 56-57 micro "
+        "(8 of the 9 micro batches take 57)"
+    )
+
+
+def test_an_even_split_weights_nothing():
+    plan = plan_batches(16384, 64, 2)
+    assert plan.even and plan.loss_weight(64) == 1.0
+    assert plan.rank_micro_batch_sizes(1) == [64] * 128
+
+
+def test_fewer_samples_than_ranks_are_refused():
     with pytest.raises(ConfigError) as caught:
-        plan_batches(global_batch, micro, world)
+        plan_batches(8, 4, 16)
     assert caught.value.key == "batch.global_batch_size"
-    assert f"{micro} x {world} = {micro * world}" in caught.value.problem
+    assert "smaller than the world size 16" in caught.value.problem
 
 
 def test_lr_scaling_rules():

@@ -12,6 +12,7 @@ from torch import nn
 from tvlars_scale import build
 from tvlars_scale.batching import plan_batches
 from tvlars_scale.config import OPTIM_CONFIGS, Config, ConfigError
+from tvlars_scale.data import EpochShards
 from tvlars_scale.optim import LAMB, LARS, TVLARS, schedules
 
 # Constructor arguments that are not hyper-parameters of a config section.
@@ -133,3 +134,33 @@ def test_a_global_batch_larger_than_the_data_is_refused():
         build.loaders(data, plan_batches(2048, 64, 1), OneCpuRank(), seed=0)
     assert caught.value.key == "batch.global_batch_size"
     assert "larger than the digits training set (1437" in caught.value.problem
+
+
+def test_a_requeue_from_1024_to_1000_ranks_keeps_batch_lr_and_schedule():
+    # ImageNet at 32K over 128 nodes, requeued on the 125 still healthy: the same steps.
+    cfg = config(
+        optim={"lr": 2.0},
+        batch={"global_batch_size": 32768, "micro_batch_size": 128, "lr_scaling": "sqrt"},
+    )
+    num_samples = 1_281_167
+    runs = {}
+    for world_size in (1024, 1000):
+        plan = build.batch_plan(cfg, world_size)
+        shards = EpochShards(
+            num_samples,
+            plan.micro_batch_size,
+            world_size - 1,
+            world_size,
+            grad_accum_steps=plan.grad_accum_steps,
+            global_batch_size=plan.global_batch_size,
+        )
+        steps_per_epoch = len(shards) // plan.grad_accum_steps
+        lr = build.peak_lr(cfg, plan)
+        schedule = build.lr_schedule(cfg.schedule, lr, steps_per_epoch, 90 * steps_per_epoch)
+        runs[world_size] = (
+            plan.global_batch_size,
+            steps_per_epoch,
+            [schedule(t) for t in range(0, 3510, 39)],
+        )
+    assert runs[1024] == runs[1000]
+    assert runs[1000][:2] == (32768, 39)

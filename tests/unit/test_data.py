@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from tvlars_scale.batching import plan_batches
 from tvlars_scale.data import (
     PAD_LABEL,
     BatchAugment,
@@ -191,6 +192,62 @@ def test_global_micro_batches_do_not_depend_on_the_world_size_split():
     split = [rank_batches(MicroBatchLoader(images, labels, 4, r, 3, seed=5)) for r in range(3)]
     for step, batch in enumerate(whole):
         assert sorted(batch) == sorted(i for share in split for i in share[step])
+
+
+@pytest.mark.parametrize(("global_batch", "micro", "world"), [(26, 4, 3), (20, 8, 3), (24, 4, 3)])
+def test_uneven_plans_use_every_sample_of_each_step_once(global_batch, micro, world):
+    images, labels = identified(83)
+    plan = plan_batches(global_batch, micro, world)
+    loaders = [
+        MicroBatchLoader(
+            images,
+            labels,
+            plan.micro_batch_size,
+            rank,
+            world,
+            seed=4,
+            grad_accum_steps=plan.grad_accum_steps,
+            global_batch_size=global_batch,
+        )
+        for rank in range(world)
+    ]
+    shares = [rank_batches(loader) for loader in loaders]
+    steps = 83 // global_batch
+    for rank, share in enumerate(shares):
+        assert [len(b) for b in share] == plan.rank_micro_batch_sizes(rank) * steps
+    # Step s is the window [s G, (s + 1) G) of the epoch's permutation, whatever the world size.
+    whole = rank_batches(MicroBatchLoader(images, labels, global_batch, 0, 1, seed=4))
+    accum = plan.grad_accum_steps
+    for step in range(steps):
+        taken = [i for share in shares for b in share[step * accum : (step + 1) * accum] for i in b]
+        assert sorted(taken) == sorted(whole[step])
+
+
+def test_an_uneven_run_resumes_at_another_world_size_where_it_stopped():
+    images, labels = identified(90)
+    three = [
+        MicroBatchLoader(images, labels, 4, r, 3, seed=2, grad_accum_steps=2, global_batch_size=22)
+        for r in range(3)
+    ]
+    for loader in three:
+        list(itertools.islice(loader, 2))  # one optimizer step of 22
+    two = [
+        MicroBatchLoader(images, labels, 6, r, 2, seed=2, grad_accum_steps=2, global_batch_size=22)
+        for r in range(2)
+    ]
+    for loader in two:
+        loader.load_state_dict(three[0].state_dict())
+        assert loader.position == 2
+    rest_three = [rank_batches(loader) for loader in three]
+    rest_two = [rank_batches(loader) for loader in two]
+    for step in range(len(rest_two[0]) // 2):
+        window = slice(2 * step, 2 * step + 2)
+        assert sorted(i for share in rest_two for b in share[window] for i in b) == sorted(
+            i for share in rest_three for b in share[window] for i in b
+        )
+    three[0].start_at(1)
+    with pytest.raises(ValueError, match="inside an optimizer step of 2"):
+        two[0].load_state_dict(three[0].state_dict())
 
 
 def test_epochs_reshuffle_reproducibly_and_accumulation_trims_to_whole_steps():

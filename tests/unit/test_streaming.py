@@ -79,6 +79,26 @@ def test_every_sample_once_over_two_ranks_and_the_same_crops_as_one_rank(one_per
     assert sorted(labels[labels >= 0].tolist()) == list(range(32))
 
 
+def test_an_uneven_plan_streams_every_sample_of_a_step_once_with_the_same_crops(one_per_class):
+    # 15 samples per step over 2 ranks x 2 accumulation: micro batches of 4, 4, 4 and 3.
+    data = open_streaming("imagenet", str(one_per_class), SIDE)
+    plan = plan_batches(15, 4, 2)
+    split = {"grad_accum_steps": plan.grad_accum_steps, "global_batch_size": 15}
+    ranks = [
+        list(loader(data.train, rank=r, world=2, micro=plan.micro_batch_size, workers=1, **split))
+        for r in range(2)
+    ]
+    for rank, share in enumerate(ranks):
+        assert [len(labels) for _, labels in share] == plan.rank_micro_batch_sizes(rank) * 2
+    single = list(loader(data.train, micro=15, world=1, workers=0))  # one micro batch per step
+    for step, (images, labels) in enumerate(single):
+        mine = [batch for share in ranks for batch in share[2 * step : 2 * step + 2]]
+        order = torch.cat([l for _, l in mine]).argsort()
+        assert torch.equal(torch.cat([l for _, l in mine])[order], labels.sort().values)
+        joined = torch.cat([x for x, _ in mine])[order]
+        assert torch.equal(joined, images[labels.argsort()])
+
+
 def test_resume_mid_epoch_with_two_workers_gives_the_same_batches_bitwise(one_per_class):
     data = open_streaming("imagenet", str(one_per_class), SIDE)
     reference = loader(data.train, micro=4, workers=2, seed=5)

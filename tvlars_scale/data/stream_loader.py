@@ -162,15 +162,26 @@ class _RemainingMicroBatches:
 
     def __init__(self) -> None:
         self.epoch, self.start_at = 0, 0
-        self.order, self.padding = np.empty((0, 0), np.int64), None
+        self.order, self.padding, self.bounds = np.empty(0, np.int64), None, [0]
 
-    def start(self, epoch: int, start_at: int, order: np.ndarray, padding: np.ndarray | None):
+    def start(
+        self,
+        epoch: int,
+        start_at: int,
+        order: np.ndarray,
+        padding: np.ndarray | None,
+        bounds: list[int],
+    ) -> None:
+        """``order`` / ``padding``: the rank's samples of the epoch, flat; micro batch ``k`` is
+        ``[bounds[k], bounds[k + 1])`` (:meth:`EpochShards.rank_order`)."""
         self.epoch, self.start_at, self.order, self.padding = epoch, start_at, order, padding
+        self.bounds = bounds
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        epoch, order, padding = self.epoch, self.order, self.padding
-        for k in range(self.start_at, len(order)):
-            yield epoch, order[k], None if padding is None else padding[k]
+        epoch, order, padding, bounds = self.epoch, self.order, self.padding, self.bounds
+        for k in range(self.start_at, len(bounds) - 1):
+            batch = slice(bounds[k], bounds[k + 1])
+            yield epoch, order[batch], None if padding is None else padding[batch]
 
 
 class StreamingLoader(EpochShards):
@@ -191,6 +202,7 @@ class StreamingLoader(EpochShards):
         seed: int = 0,
         drop_last: bool = True,
         grad_accum_steps: int = 1,
+        global_batch_size: int | None = None,
         *,
         num_workers: int = 4,
         prefetch_factor: int = 2,
@@ -214,6 +226,7 @@ class StreamingLoader(EpochShards):
             seed=seed,
             drop_last=drop_last,
             grad_accum_steps=grad_accum_steps,
+            global_batch_size=global_batch_size,
         )
 
     def state_dict(self) -> dict:
@@ -226,10 +239,10 @@ class StreamingLoader(EpochShards):
     def _host_batches(
         self,
     ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str], str | None]]:
-        order, is_padding = self.rank_order()
+        order, is_padding, bounds = self.rank_order()
         padding = None if self.drop_last else is_padding.numpy()
         # resume: start at the next micro batch
-        self._remaining.start(self.epoch, self.position, order.numpy(), padding)
+        self._remaining.start(self.epoch, self.position, order.numpy(), padding, bounds)
         if self._loader is None:
             workers = self.num_workers
             self._loader = DataLoader(

@@ -79,13 +79,30 @@ class _Bucket:
 
 
 @dataclass
+class _CallLayers:
+    """Layers of a sharded call that share a group, the adaptation flag and the step offset: every
+    layer of the call, also those this rank holds no piece of, whose norms the all-reduce gives
+    every rank. Their statistics are recorded from the reduced norms, so any one rank holds them
+    all and a log step needs no gather."""
+
+    group: dict
+    adapted: bool
+    step_offset: int
+    names: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # in the call's norm vector
+    index: torch.Tensor | None = None  # positions on the device, built once
+
+
+@dataclass
 class _Plan:
     buckets: list[_Bucket]
+    device: torch.device
     num_layers: int
     piece_to_layer: torch.Tensor | None  # None: pieces are whole layers, nothing to reduce
     # Tensors of which this rank holds no piece (FSDP2: a layer with fewer rows than ranks):
     # nothing to update, but their step counters advance with their layers'.
     pieceless: list[torch.Tensor] = field(default_factory=list)
+    call_layers: list[_CallLayers] = field(default_factory=list)  # sharded calls only
 
 
 @dataclass
@@ -111,7 +128,7 @@ class LayerwiseOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.foreach = foreach
         self._layout: ShardedLayout | None = None
-        self._plans: dict = {}
+        self._plans: dict = {}  # ids of a call's tensors -> (their step offsets, the plan)
         self._scratch_buffers: dict = {}  # (device, dtype) -> flat buffer; not optimizer state
         self.telemetry: dict[tuple[str, ...], LayerStats] = {}
 
@@ -184,11 +201,12 @@ class LayerwiseOptimizer(Optimizer):
                 weight_norm, update_norm = layer_norms(
                     _piece_squares(w, x, ops=ops), None, num_layers=len(w), process_group=None
                 )
-                self._finish(
-                    bucket, w, d, states, weight_norm, update_norm, ops=ops, step=step, norms=norms
+                norms.append(
+                    self._finish(bucket, w, d, states, weight_norm, update_norm, ops=ops, step=step)
                 )
+            self._count_step(bucket, step)
             parts = zip(*norms, strict=True)
-            self._record(bucket, *(torch.cat(p) for p in parts), step=step)
+            self._record(bucket.names, *(torch.cat(p) for p in parts))
 
     def _step_sharded(self, plan: _Plan, base_step: int, ops, chunk_numel: int) -> None:
         """Directions and piece norms first, then one reduction for the whole call, then updates."""
@@ -209,7 +227,6 @@ class LayerwiseOptimizer(Optimizer):
             num_layers=plan.num_layers,
             process_group=self._layout.process_group,
         )
-        norms: dict[int, list] = {id(bucket): [] for bucket in plan.buckets}
         for bucket, chunk, step, w, d, states in pending:
             layers = bucket.layer_index[chunk]
             self._finish(
@@ -221,13 +238,20 @@ class LayerwiseOptimizer(Optimizer):
                 update_norm.index_select(0, layers),
                 ops=ops,
                 step=step,
-                norms=norms[id(bucket)],
             )
         for bucket in plan.buckets:
-            parts = zip(*norms[id(bucket)], strict=True)
-            self._record(
-                bucket, *(torch.cat(p) for p in parts), step=base_step + bucket.step_offset
+            self._count_step(bucket, base_step + bucket.step_offset)
+        for layers in plan.call_layers:
+            layer_weight_norm = weight_norm.index_select(0, layers.index)
+            layer_update_norm = update_norm.index_select(0, layers.index)
+            trust = self._layer_trust(
+                layers.adapted,
+                layer_weight_norm,
+                layer_update_norm,
+                group=layers.group,
+                step=base_step + layers.step_offset,
             )
+            self._record(layers.names, layer_weight_norm, layer_update_norm, trust)
 
     def _directions(
         self, bucket: _Bucket, chunk: slice, like: list[torch.Tensor]
@@ -274,20 +298,25 @@ class LayerwiseOptimizer(Optimizer):
             w, g, states, group=bucket.group, ops=ops, weight_decay=weight_decay, step=step, out=out
         )
 
-    def _finish(self, bucket, w, d, states, weight_norm, update_norm, *, ops, step, norms) -> None:
-        if bucket.adapted:
-            trust = self._trust(weight_norm, update_norm, group=bucket.group, step=step)
-        else:
-            trust = torch.ones_like(weight_norm)
+    def _finish(self, bucket, w, d, states, weight_norm, update_norm, *, ops, step):
+        """Apply the update; returns the norms and trust ratios it used."""
+        trust = self._layer_trust(
+            bucket.adapted, weight_norm, update_norm, group=bucket.group, step=step
+        )
         self._apply(w, d, states, trust, group=bucket.group, ops=ops, step=step)
-        norms.append((weight_norm, update_norm, trust))
+        return weight_norm, update_norm, trust
 
-    def _record(self, bucket, weight_norm, update_norm, trust, *, step) -> None:
+    def _layer_trust(self, adapted: bool, weight_norm, update_norm, *, group, step):
+        if adapted:
+            return self._trust(weight_norm, update_norm, group=group, step=step)
+        return torch.ones_like(weight_norm)
+
+    def _count_step(self, bucket: _Bucket, step: int) -> None:
         for p in bucket.params:
             self.state[p]["step"] = step + 1
-        self.telemetry[tuple(bucket.names)] = LayerStats(
-            bucket.names, weight_norm, update_norm, trust
-        )
+
+    def _record(self, names: list[str], weight_norm, update_norm, trust) -> None:
+        self.telemetry[tuple(names)] = LayerStats(names, weight_norm, update_norm, trust)
 
     def layer_stats(self) -> dict[str, dict[str, float]]:
         """The last step's per-layer norms and trust ratios, by layer name."""
@@ -309,7 +338,7 @@ class LayerwiseOptimizer(Optimizer):
                 LOOP,
                 0,
             )  # one tensor at a time, every op on it before the next, like torch's loop
-        if plan.buckets[0].params[0].device.type == "cpu":
+        if plan.device.type == "cpu":
             # On the CPU the update is memory bound: working through bounded chunks, every op on a
             # chunk before the next, lets one chunk's temporaries (d) be reused by the next instead
             # of faulting in a whole model's worth, and bounds the step's peak memory.
@@ -334,18 +363,23 @@ class LayerwiseOptimizer(Optimizer):
         if not entries:
             return None, 0
         base_step = min(step for _, _, step in entries)
-        key = (id(self._layout), tuple((id(p), step - base_step) for _, p, step in entries))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._build_plan(entries, base_step)
-            self._plans = {key: plan}  # keep one: shapes change rarely, ids must not pile up
-        return plan, base_step
+        # One plan per set of tensors stepped together: DeepSpeed calls step() once per parameter
+        # group (ZeRO-1/2) or sub-group (ZeRO-3), so one cached plan would be rebuilt, with its
+        # index tensors copied to the device, on every call. The tensors are held by the param
+        # groups (or the bound layout), so their ids are stable and the entries do not pile up.
+        key = tuple(id(p) for _, p, _ in entries)
+        offsets = tuple(step - base_step for _, _, step in entries)
+        cached = self._plans.get(key)
+        if cached is None or cached[0] != offsets:
+            cached = self._plans[key] = (offsets, self._build_plan(entries, base_step))
+        return cached[1], base_step
 
     def _build_plan(self, entries, base_step: int) -> _Plan:
         layout = self._layout
         buckets: dict[tuple, _Bucket] = {}
         call_layers: dict[int, int] = {}  # global layer id -> position in this call's norm vector
         pieceless = []
+        records: dict[tuple, _CallLayers] = {}
         for group_index, p, step in entries:
             group = self.param_groups[group_index]
             pieces = self._pieces(p, group_index, group, layout)
@@ -353,11 +387,19 @@ class LayerwiseOptimizer(Optimizer):
                 pieceless.append(p)
             if layout is not None:
                 for layer in layout.of(p).layers:
-                    call_layers.setdefault(layer, len(call_layers))
+                    if layer in call_layers:
+                        continue
+                    call_layers[layer] = len(call_layers)
+                    adapted = group["adapt"] and not _excluded(group, layout.layer_shapes[layer])
+                    offset = step - base_step
+                    record = records.setdefault(
+                        (group_index, adapted, offset), _CallLayers(group, adapted, offset)
+                    )
+                    record.names.append(layout.layer_names[layer])
+                    record.positions.append(call_layers[layer])
             for layer, name, shape, span in pieces:
                 position = call_layers.setdefault(layer, len(call_layers))
-                # The exclusion rule reads the layer's original shape, never a flat partition's.
-                excluded = group["exclude_1d"] and len(shape) <= 1
+                excluded = _excluded(group, shape)
                 adapted = group["adapt"] and not excluded
                 bucket = buckets.setdefault(
                     (group_index, adapted, not excluded, step - base_step),
@@ -382,13 +424,17 @@ class LayerwiseOptimizer(Optimizer):
                 bucket.layer_positions, dtype=torch.long, device=device
             )
             piece_to_layer += bucket.layer_positions
+        for record in records.values():
+            record.index = torch.tensor(record.positions, dtype=torch.long, device=device)
         return _Plan(
             buckets=ordered,
+            device=device,
             num_layers=len(call_layers),
             piece_to_layer=(
                 torch.tensor(piece_to_layer, dtype=torch.long, device=device) if sharded else None
             ),
             pieceless=pieceless,
+            call_layers=list(records.values()),
         )
 
     def _pieces(self, p, group_index, group, layout):
@@ -427,6 +473,12 @@ class LayerwiseOptimizer(Optimizer):
             )
             for piece in entry.pieces
         ]
+
+
+def _excluded(group: dict, shape: tuple[int, ...]) -> bool:
+    """Excluded from adaptation and weight decay: decided by the layer's ORIGINAL shape, never by a
+    flat partition's."""
+    return group["exclude_1d"] and len(shape) <= 1
 
 
 def _is_sharded_dtensor(tensor: torch.Tensor) -> bool:

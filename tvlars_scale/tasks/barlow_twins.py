@@ -269,6 +269,10 @@ def gradient_cache_step(
 class BarlowTwinsTask(Task):
     """Barlow Twins pretraining; each evaluation is a linear evaluation of the frozen backbone."""
 
+    # The loss is over the global (micro-)batch: its statistics all-reduce the sample count, so
+    # micro batches that differ by one sample between ranks need no weighting.
+    loss_is_sample_mean = False
+
     def __init__(self, config: Config, data: ImageData, rank: int):
         self.config, self.data, self.settings = config, data, config.task
         recipe = recipe_for_image_size(data.image_size, data.mean, data.std)

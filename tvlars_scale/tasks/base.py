@@ -26,8 +26,12 @@ The contract, per optimizer step and per evaluation:
   backward goes through ``accumulation.backward(loss)`` (it divides by ``grad_accum_steps``, and
   under DeepSpeed the engine steps inside the last one). Exactly ``grad_accum_steps`` micro-batch
   contexts must be entered per step; the trainer checks it.
-* Losses are means over the micro-batch's samples, so the accumulated gradient is that of the
-  mean over the effective batch.
+* Losses are means over the micro-batch's samples. Micro batches may differ by one sample when
+  the global batch does not divide over ranks and accumulation (:mod:`tvlars_scale.batching`):
+  the default :meth:`Task.forward_backward` weights each mean by its sample count
+  (``accumulation.loss_weight``), so the accumulated gradient is that of the mean over the
+  effective batch, and so is the data-parallel mean of the returned losses. A task whose loss is
+  already computed over the global batch (Barlow Twins) sets ``loss_is_sample_mean = False``.
 * Evaluation: :meth:`Task.eval_outputs` maps one micro-batch of the test split to per-sample
   tensors (first dimension = micro-batch size); the trainer gathers them from every rank with
   ``accelerator.gather_for_metrics`` and concatenates them; :meth:`Task.eval_metrics` turns that
@@ -95,9 +99,17 @@ class Accumulation(Protocol):
         """Back-propagate one micro-batch's mean loss (scaled by ``1 / grad_accum_steps``)."""
         ...
 
+    def loss_weight(self, num_samples: int) -> float:
+        """Factor of the mean loss of a micro batch of ``num_samples`` samples that counts each
+        sample once in the step's global mean (1 when every micro batch is full)."""
+        ...
+
 
 class Task(ABC):
     """Model, loss and metrics of one kind of run (see the module docstring for the contract)."""
+
+    loss_is_sample_mean: bool = True
+    """:meth:`training_loss` is a mean over the micro batch's samples (weighted by their count)."""
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -133,6 +145,9 @@ class Task(ABC):
         for images, labels in micro_batches:
             with accumulation.micro_batch():
                 loss = self.training_loss(model, images, labels)
+                weight = accumulation.loss_weight(len(labels)) if self.loss_is_sample_mean else 1.0
+                if weight != 1.0:  # an uneven plan's micro batch; even plans scale nothing
+                    loss = loss * weight
                 accumulation.backward(loss)
             losses.append(loss.detach())
         return sum(losses) / len(losses)
