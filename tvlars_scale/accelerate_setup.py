@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -62,16 +63,23 @@ def make_accelerator(config: Config) -> Accelerator:
     precision = config.run.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("run.mixed_precision", "fp16 needs a GPU; use bf16 on the CPU")
-    handlers, cpu = [], False
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    group, cpu = {}, False
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not torch.cuda.is_available() and distributed:
         # Without the gloo handler Accelerate reports num_processes == 1 on every CPU rank: with no
         # GPU it names no process-group backend, and it treats "no backend" as no distributed
         # training. With the handler and a single process, Accelerate asks for a process group
         # that does not exist.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group["backend"] = "gloo"
         # Without cpu=True several CPU processes get DistributedType.NO: no DDP wrapper, so no
         # gradient all-reduce. DeepSpeed must not get it (Accelerate then skips its init).
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    if distributed and config.run.collective_timeout_s is not None:
+        # A rank that waits this long in a collective raises, so one hung or lost rank ends the
+        # whole job instead of holding every GPU. Accelerate hands it to init_process_group, and
+        # under DeepSpeed to deepspeed.init_distributed, which creates the group there.
+        group["timeout"] = timedelta(seconds=config.run.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     fsdp_plugin = fsdp2_plugin(precision)
     accelerator = Accelerator(
         cpu=cpu,
