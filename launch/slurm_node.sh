@@ -20,8 +20,9 @@ set -euo pipefail
 export PET_NNODES="$NNODES_MIN:$SLURM_NNODES"
 export PET_RDZV_ENDPOINT="$MASTER_ADDR:$MASTER_PORT"
 export PET_RDZV_ID="$SLURM_JOB_ID"
-# The agent leaves SIGTERM to the ranks (by default it would terminate them on it).
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+# The agent leaves SIGTERM to the ranks (by default it would terminate them on it; torchrun's
+# --signals-to-handle, which Accelerate does not pass on).
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 
 options=(
   --config_file "launch/accelerate_multinode_$STRATEGY.yaml"

@@ -55,6 +55,7 @@ __all__ = [
     "make_trackers",
     "prepare",
     "put_plan_into_deepspeed",
+    "reduce_gradients_in_fp32",
     "start_trackers",
 ]
 
@@ -227,6 +228,16 @@ def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
         ds_config["gradient_clipping"] = 0.0
 
 
+def reduce_gradients_in_fp32(accelerator: Accelerator) -> None:
+    """Under bf16 / fp16 DeepSpeed all-reduces (ZeRO-2/3: reduce-scatters) the half-precision
+    gradients in half precision unless told otherwise: the sum over W ranks then rounds to 8 (bf16)
+    bits of mantissa, ever coarser as W grows. Reduce them in fp32, as FSDP2's policy here does
+    (``reduce_dtype=float32``); a DeepSpeed config that names ``communication_data_type`` keeps it."""
+    if accelerator.mixed_precision in _HALF:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.setdefault("communication_data_type", "fp32")
+
+
 def deepspeed_autocast(engine) -> AbstractContextManager:
     """bf16/fp16 under DeepSpeed: the engine holds half-precision weights but does not cast the
     inputs; autocast does. (One process and DDP keep fp32 weights, and Accelerate autocasts.)"""
@@ -267,6 +278,7 @@ def prepare(
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         put_plan_into_deepspeed(accelerator, plan)
+        reduce_gradients_in_fp32(accelerator)
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type == DistributedType.FSDP:
         # Accelerate has repointed the optimizer to the DTensor shards; FSDP2's policy casts.

@@ -3,7 +3,7 @@
 
 Signals arrive as on a cluster: ``proctrack/cgroup`` delivers ``--signal=USR1@300`` to each step task
 (``slurm_node.sh``) and nothing else; a time limit sends SIGTERM to every process of the job, decode
-workers included. For in-memory data (DDP) and streamed JPEGs (ZeRO-2, 2 decode workers per rank)
+workers included. For in-memory data (DDP) and streamed JPEGs (FSDP2, 2 decode workers per rank)
 every rank must save and exit 0, the script must call ``scontrol requeue <job id>``, and the requeued
 run must end BITWISE equal to an uninterrupted one, which is not requeued. A node failure's
 automatic requeue resumes from the last periodic checkpoint; an elastic job (``NNODES_MIN=1``) that
@@ -89,8 +89,9 @@ STREAM = {  # as tests/integration/test_streaming_resume.py: 4 steps per epoch
     "schedule": {"name": "poly", "warmup_epochs": 0.5, "power": 2.0},
     "task": {"name": "classification", "label_smoothing": 0.1},
 }
-# (sections, STRATEGY, epochs, checkpoint cadence)
-DATA = {"memory": (MEMORY, "ddp", 4, 10), "stream": (STREAM, "zero2", 5, 3)}
+# (sections, STRATEGY, epochs, checkpoint cadence). Neither is ZeRO: DeepSpeed on CPU JIT-builds its
+# shared-memory op under a lock in ~/.cache/torch_extensions that a killed build leaves behind.
+DATA = {"memory": (MEMORY, "ddp", 4, 10), "stream": (STREAM, "fsdp2", 5, 3)}
 
 
 def write_config(directory: Path, data: str, name: str) -> tuple[Path, Path]:
