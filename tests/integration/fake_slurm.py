@@ -179,7 +179,7 @@ class FakeJob:
         command = ["sbatch", f"--nodes={nodes}", "launch/slurm.sbatch", str(config), *overrides]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env)
 
-    def wait(self, timeout: float = 600) -> int:
+    def wait(self, timeout: float = 1800) -> int:  # two launches on a loaded 2-core machine
         return self.process.wait(timeout)
 
     @property
@@ -194,7 +194,7 @@ class FakeJob:
     def scontrol_calls(self) -> list[str]:
         return (self.state / "scontrol.log").read_text().splitlines()
 
-    def wait_for(self, path: Path, timeout: float = 300) -> None:
+    def wait_for(self, path: Path, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while not path.exists():
             assert self.process.poll() is None, (

@@ -166,6 +166,7 @@ def assert_same_end(run_dir: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # 2-3 launches; several minutes each when the cores are shared
 @pytest.mark.parametrize("data", ["memory", "stream"])
 @pytest.mark.parametrize("delivery", ["cgroup_usr1", "time_limit_term"])
 def test_signalled_job_saves_requeues_itself_and_resumes_bitwise(
@@ -197,6 +198,7 @@ def test_signalled_job_saves_requeues_itself_and_resumes_bitwise(
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # 2-3 launches; several minutes each when the cores are shared
 def test_node_failure_requeue_resumes_from_the_last_periodic_checkpoint(workspace, reference):
     expected = reference("memory")
     job, run_dir = submit(workspace, "memory", "node-failure")
@@ -218,6 +220,7 @@ def test_node_failure_requeue_resumes_from_the_last_periodic_checkpoint(workspac
 
 @pytest.mark.slow
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # 2-3 launches; several minutes each when the cores are shared
 def test_elastic_job_goes_on_at_the_smaller_world_size_with_the_same_global_batch(workspace):
     # NNODES_MIN=1: after node 1 dies, node 0's agent restarts its rank, the group re-forms with one
     # node (after last_call_timeout) and the rank resumes from the last checkpoint.
