@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ __all__ = [
     "make_trackers",
     "prepare",
     "put_plan_into_deepspeed",
+    "reduce_gradients_in_fp32",
     "start_trackers",
 ]
 
@@ -62,16 +64,23 @@ def make_accelerator(config: Config) -> Accelerator:
     precision = config.run.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("run.mixed_precision", "fp16 needs a GPU; use bf16 on the CPU")
-    handlers, cpu = [], False
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    group, cpu = {}, False
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not torch.cuda.is_available() and distributed:
         # Without the gloo handler Accelerate reports num_processes == 1 on every CPU rank: with no
         # GPU it names no process-group backend, and it treats "no backend" as no distributed
         # training. With the handler and a single process, Accelerate asks for a process group
         # that does not exist.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group["backend"] = "gloo"
         # Without cpu=True several CPU processes get DistributedType.NO: no DDP wrapper, so no
         # gradient all-reduce. DeepSpeed must not get it (Accelerate then skips its init).
         cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    if distributed and config.run.collective_timeout_s is not None:
+        # A rank that waits this long in a collective raises, so one hung or lost rank ends the
+        # whole job instead of holding every GPU. Accelerate hands it to init_process_group, and
+        # under DeepSpeed to deepspeed.init_distributed, which creates the group there.
+        group["timeout"] = timedelta(seconds=config.run.collective_timeout_s)
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     fsdp_plugin = fsdp2_plugin(precision)
     accelerator = Accelerator(
         cpu=cpu,
@@ -227,6 +236,16 @@ def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
         ds_config["gradient_clipping"] = 0.0
 
 
+def reduce_gradients_in_fp32(accelerator: Accelerator) -> None:
+    """Under bf16 / fp16 DeepSpeed all-reduces (ZeRO-2/3: reduce-scatters) the half-precision
+    gradients in half precision unless told otherwise: the sum over W ranks then rounds to 8 (bf16)
+    bits of mantissa, ever coarser as W grows. Reduce them in fp32, as FSDP2's policy here does
+    (``reduce_dtype=float32``); a DeepSpeed config that names ``communication_data_type`` keeps it."""
+    if accelerator.mixed_precision in _HALF:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.setdefault("communication_data_type", "fp32")
+
+
 def deepspeed_autocast(engine) -> AbstractContextManager:
     """bf16/fp16 under DeepSpeed: the engine holds half-precision weights but does not cast the
     inputs; autocast does. (One process and DDP keep fp32 weights, and Accelerate autocasts.)"""
@@ -267,6 +286,7 @@ def prepare(
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         put_plan_into_deepspeed(accelerator, plan)
+        reduce_gradients_in_fp32(accelerator)
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type == DistributedType.FSDP:
         # Accelerate has repointed the optimizer to the DTensor shards; FSDP2's policy casts.

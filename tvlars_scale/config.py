@@ -106,6 +106,11 @@ class RunConfig(_Section):
     """An optimizer step whose gradients hold NaN/Inf is skipped (parameters and optimizer state
     unchanged); after this many in a row the run stops with exit status 3, its last checkpoint
     intact. Under fp16 the loss scaler's overflow skips count too."""
+    collective_timeout_s: float | None = Field(None, gt=0)
+    """Seconds a rank waits in one collective (all-reduce, barrier...) before it raises and the
+    launcher ends the job: a hung or lost rank then costs this long, not the whole allocation.
+    Given to the process group (torch.distributed / DeepSpeed init); null: torch's default (NCCL
+    10 min, gloo 30 min). Keep it above the longest checkpoint save and evaluation."""
 
 
 class DataConfig(_Section):

@@ -5,19 +5,26 @@ most clouds: SIGTERM, then SIGKILL after a grace period). The handler only sets 
 inside a signal handler would interrupt a collective halfway. At every optimizer-step boundary the
 ranks agree on the flag with one tiny all-reduce, so they all save the same step even when the
 signal reached them at different steps, or reached only one of them.
+
+A launcher that requeues pre-empted jobs (``launch/slurm.sbatch``) names a file in
+``TVLARS_STOP_MARKER``: rank 0 creates it when the ranks agree to stop, so that a run that stopped
+for a signal (saved, exit 0, to be continued) is told apart from one that finished (exit 0, done).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PREEMPTION_SIGNALS", "PreemptionFlag"]
+__all__ = ["PREEMPTION_SIGNALS", "STOP_MARKER_ENV", "PreemptionFlag"]
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_MARKER_ENV = "TVLARS_STOP_MARKER"
 
 
 class PreemptionFlag:
@@ -48,10 +55,16 @@ class PreemptionFlag:
         return signal.Signals(self.received).name if self.received else "another rank's signal"
 
     def requested(self, device: torch.device) -> bool:
-        """Whether any rank received a pre-emption signal (call it on every rank at the same point)."""
+        """Whether any rank received a pre-emption signal (call it on every rank at the same point).
+        When they did, rank 0 creates the ``TVLARS_STOP_MARKER`` file, if one is named."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.received is not None
-        flag = torch.tensor([int(self.received is not None)], device=device)
-        # collective: all_reduce(MAX) of one int per optimizer step: every rank saves the same step.
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())  # host sync: one int per optimizer step
+            stop, first = self.received is not None, True
+        else:
+            flag = torch.tensor([int(self.received is not None)], device=device)
+            # collective: all_reduce(MAX) of one int per optimizer step: every rank saves the same step.
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop, first = bool(flag.item()), dist.get_rank() == 0  # host sync: one int per step
+        marker = os.environ.get(STOP_MARKER_ENV)
+        if stop and first and marker:
+            Path(marker).write_text(f"{self.describe()}\n")
+        return stop

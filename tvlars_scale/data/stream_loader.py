@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -53,7 +54,12 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept fixed
 
 
 def _fixed_mmap_threshold(worker_id: int) -> None:
-    """Worker init: keep glibc's mmap threshold at 128 KiB instead of letting it grow.
+    """Worker init: ignore the pre-emption signals; keep glibc's mmap threshold at 128 KiB.
+
+    A time limit or ``scancel`` sends SIGTERM to every process of the job, these workers too: a
+    worker that died of it would make its rank raise "DataLoader worker exited unexpectedly"
+    instead of saving. The rank stops on the signal (tvlars_scale.preemption); its workers serve
+    it until then, and exit with it.
 
     A worker allocates and frees a few hundred KiB per image (decoded pixels, crops) and a
     micro batch of MiBs; glibc's dynamic threshold then moves these to the heap, whose
@@ -61,6 +67,8 @@ def _fixed_mmap_threshold(worker_id: int) -> None:
     epoch, benchmarks/streaming_input.py). Fixed, large blocks are mmapped and returned on free:
     the workers' RSS stays flat, whatever the epoch's length.
     """
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
