@@ -25,7 +25,7 @@ import math
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import yaml
@@ -271,7 +271,14 @@ def render_markdown(
         mine = [c for c in cells if c["task"] == task]
         batches = sorted({c["batch"] for c in mine})
         present = [o for o in optimizers if any(c["optimizer"] == o for c in mine)]
-        out += [f"### {TASK_TITLES.get(task, task)}: best of three target LRs per cell", ""]
+        lrs_run = Counter((c["optimizer"], c["batch"]) for c in mine)
+        if set(lrs_run.values()) == {3}:
+            what = "best of three target LRs per cell"
+        else:  # a study stopped early: say so in the heading, not only in the coverage lines
+            low, high = min(lrs_run.values()), max(lrs_run.values())
+            span = f"{low} to {high}" if high > low else f"{low}"
+            what = f"best of the target LRs run so far per cell ({span} of 3)"
+        out += [f"### {TASK_TITLES.get(task, task)}: {what}", ""]
         out += ["| optimizer | " + " | ".join(f"B={b}" for b in batches) + " |"]
         out += ["|---|" + "---|" * len(batches)]
         for optimizer in present:
