@@ -341,7 +341,7 @@ def plot(
             )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("global batch size")
-        axis.set_ylabel("top-1 accuracy (%), best of 3 LRs")
+        axis.set_ylabel("top-1 accuracy (%), best LR of the cell")
         axis.set_title(TASK_TITLES.get(task, task))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
