@@ -114,13 +114,16 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "cifar10", "tiny-imagenet", "imagenet", "synthetic"] = "digits"
-    """Dataset: digits (scikit-learn's bundled 8x8 digits, no download), cifar10, tiny-imagenet,
-    imagenet (ImageNet-1k: Hugging Face datasets or an image-folder tree, hub id or local path) or
+    name: Literal[
+        "digits", "fashion-mnist", "cifar10", "tiny-imagenet", "imagenet", "synthetic"
+    ] = "digits"
+    """Dataset: digits (scikit-learn's bundled 8x8 digits, no download), fashion-mnist (a
+    directory of its four IDX files, e.g. from launch/get_fashion_mnist.sh, or the hub), cifar10,
+    tiny-imagenet, imagenet (ImageNet-1k: Hugging Face datasets or an image-folder tree, hub id or local path) or
     synthetic (random images, for benchmarks)."""
     path: str | None = None
-    """Hugging Face hub id or local directory (cifar10, tiny-imagenet, imagenet); null: the default
-    hub id. Streaming also reads an image-folder tree ROOT/train/<class>/* + ROOT/val/<class>/*
+    """Hugging Face hub id or local directory (fashion-mnist, cifar10, tiny-imagenet, imagenet);
+    null: the default hub id. Streaming also reads an image-folder tree ROOT/train/<class>/* + ROOT/val/<class>/*
     (or validation / valid / test), a save_to_disk directory or a folder of Parquet files."""
     storage: Literal["auto", "memory", "stream"] = "auto"
     """memory: decode the whole dataset once into uint8 tensors (small data); stream: read and

@@ -10,11 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tvlars_scale.data.idx import has_idx_files, load_idx_dir
 from tvlars_scale.data.types import DataError, DatasetInfo, ImageData
 
 DATASETS: dict[str, DatasetInfo] = {
     # scikit-learn ships the 1,797 8x8 UCI digits inside the wheel: real data, no download.
     "digits": DatasetInfo(num_classes=10, image_size=8, in_chans=1),
+    # Zalando's 28x28 grayscale Fashion-MNIST: a directory of its four IDX files (Debian's
+    # dataset-fashion-mnist package, launch/get_fashion_mnist.sh) or the hub.
+    "fashion-mnist": DatasetInfo(
+        num_classes=10, image_size=28, in_chans=1, hub_id="zalando-datasets/fashion_mnist"
+    ),
     "cifar10": DatasetInfo(num_classes=10, image_size=32, in_chans=3, hub_id="uoft-cs/cifar10"),
     "tiny-imagenet": DatasetInfo(
         num_classes=200, image_size=64, in_chans=3, hub_id="zh-plus/tiny-imagenet"
@@ -43,11 +49,12 @@ def load_image_data(
     """Load dataset ``name`` (a key of :data:`DATASETS`) as decoded uint8 tensors.
 
     Args:
-        name: ``digits``, ``cifar10``, ``tiny-imagenet`` or ``synthetic``.
-        path: for ``cifar10`` / ``tiny-imagenet``: a Hugging Face hub id or a local directory
-            (a ``save_to_disk`` directory or a folder ``datasets.load_dataset`` understands, such
-            as an image-folder tree ``train/<class>/*.png`` + ``test/<class>/*.png``). None uses
-            the default hub id. Ignored by ``digits`` and ``synthetic``.
+        name: ``digits``, ``fashion-mnist``, ``cifar10``, ``tiny-imagenet`` or ``synthetic``.
+        path: for ``fashion-mnist`` / ``cifar10`` / ``tiny-imagenet``: a Hugging Face hub id or a
+            local directory (a ``save_to_disk`` directory or a folder ``datasets.load_dataset``
+            understands, such as an image-folder tree ``train/<class>/*.png`` +
+            ``test/<class>/*.png``; for ``fashion-mnist`` also a directory of the four IDX files,
+            gzipped or not). None uses the default hub id. Ignored by ``digits`` and ``synthetic``.
         num_synthetic: training images of ``synthetic`` (its test split has a tenth as many).
         image_size: resize to this side length; None keeps the native size.
         seed: seeds ``synthetic``'s images and labels; the other datasets do not depend on it.
@@ -63,6 +70,9 @@ def load_image_data(
     elif name == "synthetic":
         side = image_size or info.image_size
         train_x, train_y, test_x, test_y = _make_synthetic(info, num_synthetic, side, seed)
+        num_classes = info.num_classes
+    elif name == "fashion-mnist" and path is not None and has_idx_files(path):
+        train_x, train_y, test_x, test_y = load_idx_dir(name, path)
         num_classes = info.num_classes
     else:
         # Imported here: `datasets` costs ~1 s to import and digits/synthetic runs never need it.
