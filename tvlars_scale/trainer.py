@@ -103,7 +103,8 @@ class Trainer:
             f"dry run: {self.plan.describe()}\n{self._schedule_line()}\n"
             f"model {self.config.model.name}: {num_params:,} parameters; optimizer "
             f"{type(self.optimizer).__name__} ({self.config.optim.name}); data {self.data.name}: "
-            f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images; "
+            f"{len(self.data.train_labels)} train / {len(self.data.test_labels)} test images, "
+            f"{self.data.num_classes} classes; "
             f"{start} in {self.run_dir.path}\n--- resolved config ---\n{self.config.to_yaml()}",
             end="",
         )

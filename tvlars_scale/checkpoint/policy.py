@@ -55,8 +55,10 @@ OPERATIONAL_KEYS = frozenset(
         "run.tensorboard",  # retired by run.trackers; still in the configs of older checkpoints
         "run.progress_bar",
         "run.max_nonfinite_steps",
+        "run.collective_timeout_s",
         "batch.micro_batch_size",
         "data.path",
+        "data.index",
     }
 )
 """Keys that may differ on resume: how the run is watched, stored and fitted into memory, not what
