@@ -110,7 +110,14 @@ def run_mesh(mesh_name: str) -> dict:
     num_ranks = math.prod(shape)
     mesh = make_mesh(shape)
     member = dist.get_rank() < num_ranks
-    results = {"params": {}, "collectives": {}, "dispatched": {}, "layers": {}, "naive": {}}
+    results = {
+        "params": {},
+        "collectives": {},
+        "dispatched": {},
+        "layers": {},
+        "stats": {},
+        "naive": {},
+    }
     for name in tiny_training.OPTIMIZER_SETTINGS:
         if member:
             model, optimizer = make_sharded(name, mesh)
@@ -118,6 +125,8 @@ def run_mesh(mesh_name: str) -> dict:
                 results["params"][name] = train_fsdp(model, optimizer, num_ranks)
             results["collectives"][name] = dict(counts)
             results["dispatched"][name] = dict(dispatched)
+            # host sync: the last step's per-layer norms and trust ratios, as the trainer logs them.
+            results["stats"][name] = optimizer.layer_stats()
             layout = optimizer.layout  # HSDP: one replica of the shards saves them
             results["layers"][name] = capture_layer_state(
                 optimizer, layout, owner=layout.replica_rank == 0

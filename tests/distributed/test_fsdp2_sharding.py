@@ -31,7 +31,7 @@ def num_ranks(mesh: str) -> int:
 @pytest.fixture(scope="module")
 def references():
     return {
-        (name, n): tiny_training.train_reference(name, n)
+        (name, n): tiny_training.train_reference_run(name, n)
         for name in OPTIMIZERS
         for n in sorted({num_ranks(mesh) for mesh in MESHES})
     }
@@ -69,7 +69,7 @@ def test_fsdp2_training_matches_one_process(ranks, references, mesh, optimizer_n
     for other in results[1:]:
         for name, tensor in params.items():
             assert torch.equal(tensor, other["params"][optimizer_name][name]), name
-    reference = references[optimizer_name, num_ranks(mesh)]
+    reference = references[optimizer_name, num_ranks(mesh)].params
     error, layer = tiny_training.worst_relative_error(params, reference)
     assert error < TOLERANCE, f"{mesh}/{optimizer_name}: {layer} off by {error:.2e}"
 
@@ -78,7 +78,7 @@ def test_fsdp2_training_matches_one_process(ranks, references, mesh, optimizer_n
 def test_training_moves_every_layer(references, optimizer_name):
     # Guards the agreement test against step sizes too small for wrong norms to show.
     initial = tiny_training.initial_parameters()
-    final = references[optimizer_name, 2]
+    final = references[optimizer_name, 2].params
     for name, start in initial.items():
         moved = float((final[name] - start).norm() / final[name].norm())
         assert moved > 5e-3, f"{name} moved only {moved:.1e}"
@@ -88,7 +88,7 @@ def test_training_moves_every_layer(references, optimizer_name):
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
 def test_shard_local_norms_fail_the_agreement(ranks, references, mesh, optimizer_name):
     params = ranks[0][mesh]["naive"][optimizer_name]
-    reference = references[optimizer_name, num_ranks(mesh)]
+    reference = references[optimizer_name, num_ranks(mesh)].params
     error, _ = tiny_training.worst_relative_error(params, reference)
     assert error > 100 * TOLERANCE
 
@@ -117,12 +117,34 @@ def test_unbound_optimizer_refuses_sharded_dtensors(ranks, mesh):
 
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
-def test_fsdp2_checkpoint_loads_on_one_process(ranks, mesh, optimizer_name):
+def test_fsdp2_checkpoint_loads_on_one_process(ranks, references, mesh, optimizer_name):
     # Every rank's payload, as the trainer writes them: HSDP's second replica saves nothing.
     payloads = [r["layers"][optimizer_name] for r in members(ranks, mesh)]
     tiny_training.assert_restores_on_one_process(
-        optimizer_name, payloads, ranks[0][mesh]["params"][optimizer_name]
+        optimizer_name,
+        payloads,
+        ranks[0][mesh]["params"][optimizer_name],
+        references[optimizer_name, num_ranks(mesh)],
     )
+
+
+# The last step's norms agree to rounding (a wrong reduction group scales them: HSDP reduced over
+# both replicas doubles every sum of squares, which the trust ratio's quotient would hide).
+STATS_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_reported_layer_norms_are_the_one_process_norms(ranks, references, mesh, optimizer_name):
+    expected = references[optimizer_name, num_ranks(mesh)].stats
+    for rank, results in enumerate(members(ranks, mesh)):
+        stats = results["stats"][optimizer_name]
+        assert stats.keys() == expected.keys()
+        for name, values in expected.items():
+            for key, value in values.items():
+                assert stats[name][key] == pytest.approx(value, rel=STATS_TOLERANCE), (
+                    f"rank {rank}: {name} {key}"
+                )
 
 
 def test_one_process_checkpoint_loads_into_fsdp2(ranks):
