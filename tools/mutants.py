@@ -166,10 +166,10 @@ MUTANTS = (
     ),
     Mutant(
         "one_d_parameters_adapted",
-        "1-D parameters (norm layers) adapted and decayed",
-        "tvlars_scale/optim/registry.py",
-        'param.ndim <= 1 or name.endswith(".bias")',
-        'param.ndim < 1 or name.endswith(".bias")',
+        "exclude_1d: 1-D parameters (norm layers, biases) adapted and decayed",
+        "tvlars_scale/optim/base.py",
+        'excluded = group["exclude_1d"] and len(shape) <= 1',
+        'excluded = group["exclude_1d"] and len(shape) < 1',
         (f"{OPTIM}::test_layer_stats_are_the_layer_norms",),
     ),
     Mutant(

@@ -1,8 +1,9 @@
 """Layer-wise optimizers under PyTorch FSDP2 (``fully_shard``, real gloo ranks) train like one process
 holding the whole batch, with one all-reduce per step() over the shard dimension: FSDP2 on 2 and on
-3 ranks (uneven row shards, a layer with fewer rows than ranks) and HSDP on a 2 x 2 mesh. Shard-local
-norms fail the same comparison; an unbound optimizer refuses sharded DTensors; the per-layer
-checkpoint state moves between FSDP2 and one process both ways."""
+3 ranks (uneven row shards, a layer with fewer rows than ranks) and HSDP on a 2 x 2 mesh, and report
+the one process's per-layer norms. Shard-local norms fail the same comparison; an unbound optimizer
+refuses sharded DTensors; the per-layer checkpoint state moves between FSDP2 and one process both
+ways."""
 
 import fsdp_worker
 import pytest

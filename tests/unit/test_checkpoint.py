@@ -669,13 +669,9 @@ def test_a_restored_checkpoint_continues_every_random_stream(tmp_path, accelerat
 
     def train_and_draw(num_steps: int) -> tuple[dict, tuple]:
         for _ in range(num_steps):
-            first = loop.state.num_samples % 1024
-            images, labels = (
-                data.train_images[first : first + 64],
-                data.train_labels[first : first + 64],
-            )
+            batch = slice(loop.state.num_samples, loop.state.num_samples + 64)
             optimizer.zero_grad()
-            task.training_loss(model, images, labels).backward()
+            task.training_loss(model, data.train_images[batch], data.train_labels[batch]).backward()
             optimizer.step()
             loop.state.step += 1
             loop.state.num_samples += 64

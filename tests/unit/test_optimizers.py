@@ -276,6 +276,8 @@ def test_zero_weights_and_zero_gradients_stay_finite(name, foreach):
             p.grad = torch.zeros_like(p) if step != 1 else torch.randn_like(p)
         optimizer.step()
     assert all(torch.isfinite(p).all() for p in params)
+    # ||w|| = 0 gives trust 1, not 0: a zero-initialised layer still trains.
+    assert params[0].abs().sum() > 0
     stats = optimizer.layer_stats()
     assert all(math.isfinite(v) for layer in stats.values() for v in layer.values())
 
