@@ -246,14 +246,20 @@ def test_resume_under_another_split_of_the_same_global_micro_batch():
     two_ranks = [MicroBatchLoader(images, labels, 4, r, 2, seed=1) for r in range(2)]
     for loader in two_ranks:
         list(itertools.islice(loader, 2))
+    saved = two_ranks[0].state_dict()
     one_rank = MicroBatchLoader(images, labels, 8, 0, 1, seed=1)
-    one_rank.load_state_dict(two_ranks[0].state_dict())
+    one_rank.load_state_dict(saved)
     rest_two = [rank_batches(loader) for loader in two_ranks]
     for step, batch in enumerate(rank_batches(one_rank)):
         assert sorted(batch) == sorted(rest_two[0][step] + rest_two[1][step])
+    # A global micro batch of another size (16 x 1 rank): the position converts through samples.
+    larger = MicroBatchLoader(images, labels, 16, 0, 1, seed=1)
+    larger.load_state_dict(saved)
+    rest = sorted(sample for batch in rank_batches(larger) for sample in batch)
+    assert rest == sorted(sample for share in rest_two for batch in share for sample in batch)
     mismatched = MicroBatchLoader(images, labels, 8, 0, 1, seed=2)
     with pytest.raises(ValueError, match="seed=1"):
-        mismatched.load_state_dict(two_ranks[0].state_dict())
+        mismatched.load_state_dict(saved)
 
 
 # ---------------------------------------------------------------- augmentation
