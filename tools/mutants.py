@@ -170,7 +170,7 @@ MUTANTS = (
         "tvlars_scale/optim/base.py",
         'excluded = group["exclude_1d"] and len(shape) <= 1',
         'excluded = group["exclude_1d"] and len(shape) < 1',
-        (f"{OPTIM}::test_layer_stats_are_the_layer_norms",),
+        (f"{OPTIM}::test_tvlars_paper_three_steps",),
     ),
     Mutant(
         "warmup_off_by_one",
