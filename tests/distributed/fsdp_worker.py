@@ -129,6 +129,7 @@ def run_mesh(mesh_name: str) -> dict:
             results["layers"][name] = capture_layer_state(
                 optimizer, layout, owner=layout.replica_rank == 0
             )
+            # host sync: the last step's per-layer norms and trust ratios, as the trainer logs them.
             results["layer_stats"][name] = optimizer.layer_stats()
         if mesh_name in NAIVE_MESHES:
             # The naive design: the same pieces, norms reduced over this rank alone (a group of

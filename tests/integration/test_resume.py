@@ -77,6 +77,7 @@ class Setting:
 SINGLE = Setting("single", 1, False)
 DDP = Setting("ddp", 2, False)
 ZERO2 = Setting("zero2", 2, True)
+ZERO2_PLAIN = Setting("zero2_plain", 2, True)  # no random augmentation: the world-size test's
 
 
 def write_config(directory: Path, run_dir: Path, name: str | None = None, **sections) -> Path:
@@ -158,13 +159,14 @@ def launch(
     return Launch([p.returncode for p in processes], outputs)
 
 
-# ZeRO-2 runs without random crops: its reference also serves the world-size test, whose ranks
-# cannot continue each other's augmentation streams; the random states of two ranks are covered by
-# the DDP setting.
+# ZeRO-2, the default run's bitwise resume, crops and flips at random: every rank's augmentation
+# generator must come back. The world-size test runs without random augmentation (its ranks cannot
+# continue each other's augmentation streams), against a reference of its own.
 SECTIONS = {
     "single": {},
     "ddp": {},
-    "zero2": {"data": {"crop_padding": 0}, "run": {"trackers": ["tensorboard"]}},
+    "zero2": {"data": {"flip": True}},
+    "zero2_plain": {"data": {"crop_padding": 0}, "run": {"trackers": ["tensorboard"]}},
 }
 
 
@@ -307,14 +309,14 @@ LOSS_RTOL = 1e-4
 
 @pytest.mark.long  # ~45 s
 def test_zero2_resumes_on_one_rank_and_back_on_two(reference, workspace):
-    _, reference_dir = reference(ZERO2)
+    _, reference_dir = reference(ZERO2_PLAIN)
     run_dir = workspace / "resized"
-    config = write_config(workspace, run_dir, **SECTIONS["zero2"])
+    config = write_config(workspace, run_dir, **SECTIONS[ZERO2_PLAIN.name])
 
     # 2 -> 1: the 2-rank checkpoint of step 8 continues on one rank, pre-empted after step 16.
     result = launch(
         config,
-        ZERO2,
+        ZERO2_PLAIN,
         f"checkpoint.resume={checkpoint(reference_dir, 8)}",
         world_size=1,
         faults={"TVLARS_FAULT_SIGTERM": "16"},
@@ -326,7 +328,7 @@ def test_zero2_resumes_on_one_rank_and_back_on_two(reference, workspace):
     assert rank_files(checkpoint(run_dir, 16)) == [rank_file(0)]
 
     # 1 -> 2: that one-rank checkpoint continues on two ranks to the end.
-    result = launch(config, ZERO2, "checkpoint.resume=auto", world_size=2)
+    result = launch(config, ZERO2_PLAIN, "checkpoint.resume=auto", world_size=2)
     assert result.returncodes == [0, 0], result.describe()
     assert "effective batch 128 = 32 micro x 2 accumulation x 2 ranks" in result.outputs[0]
     assert "resuming a 1-rank checkpoint on 2 ranks" in result.outputs[0]

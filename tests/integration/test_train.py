@@ -190,6 +190,56 @@ def test_accumulation_matches_one_big_micro_batch(tmp_path, fresh_accelerate_sta
     assert moved > 1e-2
 
 
+def test_a_nonfinite_step_is_skipped_and_changes_nothing(
+    tmp_path, fresh_accelerate_state, monkeypatch
+):
+    """Attempt 1's loss is NaN (the fault hook), so every gradient is: the step is skipped with the
+    weights and optimizer state untouched and counted; the next step is applied and ends the streak."""
+    monkeypatch.setenv("TVLARS_FAULT_NAN_STEPS", "1")
+    config = load_config(
+        QUICK_START,
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.trackers=[]",
+            "run.progress_bar=false",
+            "batch.global_batch_size=32",
+        ],
+    )
+    trainer = Trainer(config)
+    trainer.setup()
+    micro_batches = iter(trainer.train_loader)
+
+    def step() -> None:
+        trainer.train_step([next(micro_batches) for _ in range(trainer.plan.grad_accum_steps)])
+
+    def snapshot() -> dict:
+        """Every parameter and optimizer-state entry, by name."""
+        flat = {}
+        for name, p in trainer.model.named_parameters():
+            flat[name] = p.detach().clone()
+            for key, value in trainer.optimizer.state[p].items():
+                flat[f"{name}.{key}"] = value.clone() if torch.is_tensor(value) else value
+        return flat
+
+    def counters() -> tuple[int, int, int]:
+        state = trainer.state
+        return state.step, state.num_skipped_steps, state.nonfinite_in_row
+
+    step()
+    before = snapshot()
+    step()  # NaN: skipped
+    assert counters() == (1, 1, 1)
+    after = snapshot()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        same = torch.equal(after[key], value) if torch.is_tensor(value) else after[key] == value
+        assert same, key
+    step()
+    assert counters() == (2, 1, 0)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    trainer.close()
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.long  # ~35 s; the 16K plan itself is unit-tested in test_batching.py

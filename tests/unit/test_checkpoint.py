@@ -46,6 +46,7 @@ from tvlars_scale.nonfinite import gradients_are_finite
 from tvlars_scale.optim import TVLARS, ShardedLayout, TensorLayout, layerwise_param_groups
 from tvlars_scale.optim.zero_layout import flat_window_pieces
 from tvlars_scale.preemption import PreemptionFlag
+from tvlars_scale.train_state import TrainState
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -625,3 +626,75 @@ def _as_format_1(path: Path) -> directory.CheckpointInfo:
     info = read_manifest(path)
     assert (info.format_version, info.geometry) == (1, None)
     return info
+
+
+# --- a checkpoint through the Checkpointer, its random streams included ------------------------------
+class _LoopState:
+    """The loop's part of a checkpoint, shaped as the trainer's (``state`` is its position)."""
+
+    def __init__(self) -> None:
+        self.state = TrainState()
+
+    def state_dict(self) -> dict:
+        return {"state": self.state.state_dict()}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.state.load_state_dict(saved["state"])
+
+
+@pytest.fixture
+def accelerator():
+    """A real one-process Accelerator; Accelerate's singletons are reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_restored_checkpoint_continues_every_random_stream(tmp_path, accelerator):
+    """Save; train on (dropout draws from the global torch RNG, the task's random crops and flips
+    from its own generator) and draw from Python's, NumPy's and torch's generators; disturb them
+    all; restore: the same steps give the same weights bitwise and the same draws repeat."""
+    from tvlars_scale.build import image_data
+    from tvlars_scale.tasks import build_task
+
+    config = Config.model_validate({"data": {"name": "digits", "crop_padding": 2, "flip": True}})
+    data = image_data(config)
+    task = build_task(config, data, rank=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)
+    )
+    optimizer = TVLARS(layerwise_param_groups(model, 5e-4), lr=2.0, eta=0.01)
+    loop = _LoopState()
+    checkpointer = Checkpointer(
+        accelerator, model, optimizer, task, tmp_path, keep_last=2, train_state=loop
+    )
+
+    def train_and_draw(num_steps: int) -> tuple[dict, tuple]:
+        for _ in range(num_steps):
+            batch = slice(loop.state.num_samples, loop.state.num_samples + 64)
+            optimizer.zero_grad()
+            task.training_loss(model, data.train_images[batch], data.train_labels[batch]).backward()
+            optimizer.step()
+            loop.state.step += 1
+            loop.state.num_samples += 64
+        params = {name: p.detach().clone() for name, p in model.named_parameters()}
+        return params, _draw()
+
+    train_and_draw(2)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # a cached Gaussian in NumPy's state
+    checkpointer.save(loop.state.step)
+    expected_params, expected_draws = train_and_draw(3)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    task.training_loss(model, data.train_images[:8], data.train_labels[:8])  # moves the crops on
+
+    checkpointer.restore(find_latest_complete(tmp_path), print)
+    assert loop.state.step == 2
+    params, draws = train_and_draw(3)
+    assert draws == expected_draws
+    for name, p in params.items():
+        assert torch.equal(p, expected_params[name]), name

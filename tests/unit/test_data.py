@@ -303,14 +303,20 @@ def test_resume_under_another_split_of_the_same_global_micro_batch():
     two_ranks = [MicroBatchLoader(images, labels, 4, r, 2, seed=1) for r in range(2)]
     for loader in two_ranks:
         list(itertools.islice(loader, 2))
+    saved = two_ranks[0].state_dict()
     one_rank = MicroBatchLoader(images, labels, 8, 0, 1, seed=1)
-    one_rank.load_state_dict(two_ranks[0].state_dict())
+    one_rank.load_state_dict(saved)
     rest_two = [rank_batches(loader) for loader in two_ranks]
     for step, batch in enumerate(rank_batches(one_rank)):
         assert sorted(batch) == sorted(rest_two[0][step] + rest_two[1][step])
+    # A global micro batch of another size (16 x 1 rank): the position converts through samples.
+    larger = MicroBatchLoader(images, labels, 16, 0, 1, seed=1)
+    larger.load_state_dict(saved)
+    rest = sorted(sample for batch in rank_batches(larger) for sample in batch)
+    assert rest == sorted(sample for share in rest_two for batch in share for sample in batch)
     mismatched = MicroBatchLoader(images, labels, 8, 0, 1, seed=2)
     with pytest.raises(ValueError, match="seed=1"):
-        mismatched.load_state_dict(two_ranks[0].state_dict())
+        mismatched.load_state_dict(saved)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -383,3 +389,34 @@ def test_augmentation_is_reproducible_under_a_seed_and_resumable():
     assert all(torch.equal(resumed(images), want) for want in upcoming)
     with pytest.raises(ValueError, match="uint8"):
         first(images.float())
+
+
+class _Recorder(torch.nn.Module):
+    """A classifier that keeps the (augmented) batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.fc(x.flatten(1))
+
+
+def test_each_rank_draws_its_own_crops_and_flips():
+    """The classification task augments on the device from a generator per rank: the same batch
+    is cropped and flipped differently on ranks 0 and 1, and identically by two rank-0 tasks."""
+    from tvlars_scale.config import Config
+    from tvlars_scale.tasks import build_task
+
+    config = Config.model_validate({"data": {"name": "digits", "crop_padding": 2, "flip": True}})
+    data = load_image_data("digits")
+    images, labels = data.train_images[:64], data.train_labels[:64]
+    seen = []
+    for rank in (0, 1, 0):
+        model = _Recorder()
+        build_task(config, data, rank).training_loss(model, images, labels)
+        seen.append(model.seen)
+    assert torch.equal(seen[0], seen[2])
+    differing = int((seen[0] != seen[1]).flatten(1).any(dim=1).sum())
+    assert differing > 48, f"ranks 0 and 1 augmented only {differing} of 64 images differently"

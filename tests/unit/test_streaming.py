@@ -174,6 +174,24 @@ def test_workers_persist_across_epochs_and_a_pass_cut_short_continues_exactly(
     assert os.getpid() not in decoders[0]
 
 
+def test_the_epoch_changes_the_crops_of_the_same_samples(one_per_class):
+    """Without shuffling, epochs 0 and 1 decode the same samples in the same order: their images
+    differ only if the epoch is part of the augmentation seed; the same epoch decodes identically."""
+    data = open_streaming("imagenet", str(one_per_class), SIDE)
+
+    def epoch_batches(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        unshuffled = loader(data.train, micro=8, workers=0, shuffle=False, seed=5)
+        unshuffled.set_epoch(epoch)
+        images, labels = zip(*unshuffled, strict=True)
+        return torch.cat(images), torch.cat(labels)
+
+    first, second, first_again = epoch_batches(0), epoch_batches(1), epoch_batches(0)
+    assert first[1].tolist() == second[1].tolist() == list(range(32))  # the same samples
+    assert torch.equal(first[0], first_again[0]) and torch.equal(first[1], first_again[1])
+    differing = sum(not torch.equal(a, b) for a, b in zip(first[0], second[0], strict=True))
+    assert differing >= 28, f"only {differing} of 32 samples got other crops in another epoch"
+
+
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
