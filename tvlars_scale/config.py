@@ -45,6 +45,7 @@ __all__ = [
     "LARSConfig",
     "ModelConfig",
     "OptimConfig",
+    "ProfileConfig",
     "RunConfig",
     "SGDConfig",
     "ScheduleConfig",
@@ -73,6 +74,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True
     )
+
+
+class ProfileConfig(_Section):
+    start_step: int = Field(10, ge=0)
+    """First optimizer step profiled (counted like the run's steps; after warm-up and compile)."""
+    num_steps: int = Field(3, ge=1)
+    """Optimizer steps in the trace."""
 
 
 class RunConfig(_Section):
@@ -106,6 +114,20 @@ class RunConfig(_Section):
     """An optimizer step whose gradients hold NaN/Inf is skipped (parameters and optimizer state
     unchanged); after this many in a row the run stops with exit status 3, its last checkpoint
     intact. Under fp16 the loss scaler's overflow skips count too."""
+    compile: bool = False
+    """torch.compile the model (in place: checkpoints and exports keep the eager names); graph
+    breaks are counted and printed. Costs compile time at the first steps (minutes for ResNet-50)."""
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
+    """torch.compile's mode (run.compile)."""
+    compile_regional: bool = True
+    """run.compile per repeated block (a ResNet's residual blocks: one graph per block shape, less
+    compile time) where the model has such blocks; false: the whole model as one graph."""
+    profile: ProfileConfig | None = None
+    """{start_step, num_steps}: a torch.profiler trace of these optimizer steps, written to
+    output_dir/profile/ (TensorBoard's profiler plugin, Perfetto or chrome://tracing open it);
+    null: no profiling."""
 
 
 class DataConfig(_Section):
@@ -166,6 +188,9 @@ class ModelConfig(_Section):
     """Convert BatchNorm layers to SyncBatchNorm (statistics over all ranks)."""
     init: Literal["kaiming_uniform", "timm"] = "kaiming_uniform"
     """Weight init: Kaiming-uniform as in the paper, or timm's own."""
+    channels_last: bool = False
+    """NHWC (channels_last) weights and inputs: faster convolutions on tensor-core GPUs (and most
+    CPUs); the results differ from NCHW by float rounding only."""
 
 
 class BatchConfig(_Section):

@@ -58,8 +58,10 @@ def _is_elementwise(value, tensor: torch.Tensor) -> bool:
 
 
 def _run_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
-    # An FSDP2 DTensor's pieces index its local shard.
-    return local_tensor(tensor).view(-1).narrow(0, piece.start, piece.numel)
+    # An FSDP2 DTensor's pieces index its local shard. Runs follow the logical (NCHW) order, so a
+    # checkpoint does not depend on the layout: a channels_last weight (model.channels_last) is not
+    # contiguous, and reshape copies it (it is a whole-tensor piece; sharded pieces are flat views).
+    return local_tensor(tensor).reshape(-1).narrow(0, piece.start, piece.numel)
 
 
 def capture_layer_state(
@@ -136,6 +138,7 @@ class _SavedLayers:
         """Fill ``piece`` (of ``layer``) in ``target`` from the saved runs (``key`` None: the
         weights)."""
         first, last = piece.layer_offset, piece.layer_offset + piece.numel
+        local = local_tensor(target)
         destination = _run_of(target, piece)
         for saved in self.runs[layer]:
             begin, end = max(first, saved["offset"]), min(last, saved["offset"] + saved["numel"])
@@ -147,6 +150,8 @@ class _SavedLayers:
             destination[begin - first : end - first].copy_(
                 source[begin - saved["offset"] : end - saved["offset"]]
             )
+        if not local.is_contiguous():  # destination was a copy of a channels_last tensor
+            local.copy_(destination.view(local.shape))
 
 
 def _same_values(a: dict, b: dict) -> bool:

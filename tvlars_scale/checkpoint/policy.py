@@ -55,6 +55,13 @@ OPERATIONAL_KEYS = frozenset(
         "run.tensorboard",  # retired by run.trackers; still in the configs of older checkpoints
         "run.progress_bar",
         "run.max_nonfinite_steps",
+        "run.compile",  # the throughput levers: the same model, computed faster
+        "run.compile_mode",
+        "run.compile_regional",
+        "run.profile",
+        "run.profile.start_step",
+        "run.profile.num_steps",
+        "model.channels_last",
         "batch.micro_batch_size",
         "data.path",
     }
