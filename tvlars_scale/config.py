@@ -125,7 +125,7 @@ class RunConfig(_Section):
     """run.compile per repeated block (a ResNet's residual blocks: one graph per block shape, less
     compile time) where the model has such blocks; false: the whole model as one graph."""
     profile: ProfileConfig | None = None
-    """{start_step, num_steps}: a torch.profiler trace of these optimizer steps, written to
+    """{start_step: 10, num_steps: 3}: a torch.profiler trace of these optimizer steps, written to
     output_dir/profile/ (TensorBoard's profiler plugin, Perfetto or chrome://tracing open it);
     null: no profiling."""
 
@@ -653,6 +653,7 @@ def reference_markdown() -> str:
     for section, model in _sections():
         for name, field in _name_first(model.model_fields):
             annotation = str(field.annotation).replace("typing.", "")
+            annotation = annotation.replace(f"{_Section.__module__}.", "")  # a nested section
             annotation = re.sub(r"<class '(\w+)'>", r"\1", annotation).replace("|", "\\|")
             default = field.get_default(call_default_factory=True)
             meaning = " ".join((field.description or "").split()).replace("|", "\\|")

@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "compile_after_prepare",
     "compile_before_prepare",
+    "compile_in_place",
     "graph_breaks",
     "repeated_blocks",
     "to_channels_last",
@@ -74,7 +75,9 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if id(block) not in inner]
 
 
-def _compile_in_place(model: nn.Module, mode: str, regional: bool) -> None:
+def compile_in_place(model: nn.Module, mode: str = "default", regional: bool = True) -> None:
+    """``nn.Module.compile`` on ``model``'s repeated blocks (``regional`` and it has some), else on
+    the whole model; the names of parameters and buffers do not change."""
     blocks = repeated_blocks(model) if regional else []
     for module in blocks or [model]:
         module.compile(mode=mode)
@@ -85,7 +88,7 @@ def compile_before_prepare(
 ) -> None:
     """FSDP2: compile before ``fully_shard`` wraps the blocks; other backends: nothing here."""
     if accelerator.distributed_type == DistributedType.FSDP:
-        _compile_in_place(model, mode, regional)
+        compile_in_place(model, mode, regional)
 
 
 def compile_after_prepare(
@@ -99,7 +102,7 @@ def compile_after_prepare(
     if kind == DistributedType.DEEPSPEED:
         prepared.compile(compile_kwargs={"mode": mode})
     elif regional and repeated_blocks(accelerator.unwrap_model(prepared)):
-        _compile_in_place(accelerator.unwrap_model(prepared), mode, regional=True)
+        compile_in_place(accelerator.unwrap_model(prepared), mode, regional=True)
     else:
         prepared.compile(mode=mode)
 
