@@ -23,6 +23,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,16 +218,25 @@ class RunReport:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        # A schedule (all steps recorded, no warm-up: start_step says where) marks each step
+        # as ProfilerStep#<n>, which the trace viewers use; the handler writes the trace file.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*warmup.*")
+            schedule = torch.profiler.schedule(
+                wait=0, warmup=0, active=self.profile.num_steps, repeat=1
+            )
+        self.profiler = torch.profiler.profile(
+            activities=activities,
+            schedule=schedule,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(
+                str(self.profile_dir), worker_name=f"rank{self.rank}"
+            ),
+            record_shapes=True,
+        )
         self.profiler.start()
 
     def _stop_profile(self) -> None:
-        self.profiler.stop()
-        self.profile_dir.mkdir(parents=True, exist_ok=True)
-        handler = torch.profiler.tensorboard_trace_handler(
-            str(self.profile_dir), worker_name=f"rank{self.rank}"
-        )
-        handler(self.profiler)
+        self.profiler.stop()  # writes the trace, unless the schedule's last step did
         self.profiler = None
 
     def close(self) -> None:
