@@ -77,7 +77,8 @@ def train_flops(model: nn.Module, sample_shape: tuple[int, ...], batch: int = 2)
     with FlopCounterMode(display=False) as counter:
         output = torch.func.functional_call(model, {**params, **buffers}, (inputs,))
         output = output[0] if isinstance(output, tuple) else output
-        torch.autograd.grad(output.float().sum(), trained, allow_unused=True)
+        if output.requires_grad:  # a frozen model (linear evaluation's backbone) has no backward
+            torch.autograd.grad(output.float().sum(), trained, allow_unused=True)
     return counter.get_total_flops() / batch
 
 
