@@ -1,9 +1,10 @@
 """One GPU check of tvlars_scale: correctness on CUDA, optimizer step speed, trainer throughput.
 
 Prints a table, then ONE JSON line (also written to ``--out DIR/gpu_check.json``). Exit status 0
-when nothing failed (skipped entries are not failures), 1 otherwise. Sized to finish in under 8
-minutes on one H200 (estimated 3 to 5 minutes; not yet run on one); ``--budget-s`` (default 450)
-bounds every subprocess it starts.
+when nothing failed (skipped entries are not failures), 1 otherwise. Sized to finish in under 9
+minutes on one H200 (estimated 5 to 7 minutes with the levers part; not yet run on one);
+``--budget-s`` (default 520) bounds every subprocess it starts: a part that finds the budget spent
+says ``skipped: time budget spent``.
 
 THE COMMAND FOR A SESSION WITH A GPU (the device tool's ``run``, one call):
 
@@ -62,6 +63,12 @@ Parts (``--parts``):
   The ZeRO-2 process gets the environment ``accelerate launch --config_file
   launch/accelerate_zero2.yaml --num_processes 1`` gives it (as tests/integration/test_resume.py
   starts its ranks).
+* ``levers``: ResNet-50 through the Trainer at 224 px, bf16, batch 256 (one micro-batch per step):
+  synthetic ImageNet-shaped data in memory with each lever on and off (eager NCHW,
+  ``model.channels_last``, ``run.compile``, both), then a generated JPEG tree (random-noise JPEGs,
+  320 px) streamed with CPU decode in 12 workers with both levers on; images/s, the first step's
+  time (the compile), MFU against the device's bf16 peak and the data-wait fraction (the trainer's
+  own instrument). GPU decode (``data.decoder: dali``) is not built yet: its entry says skipped.
 """
 
 from __future__ import annotations
@@ -87,14 +94,16 @@ SKIPPED_NO_CUDA = "skipped: no CUDA"
 PASS = "pass"
 MEASURED = "measured"
 DRY_MEASURED = "measured (dry run)"  # CPU, tiny sizes: shows the code runs, not a benchmark
-# Timing keys of metrics.json: wall-clock, legitimately different between two runs.
-TIMING_KEYS = ("train_seconds", "samples_per_second")
+# Timing keys of metrics.json: wall-clock (and memory peaks), legitimately different between two runs.
+TIMING_KEYS = ("train_seconds", "samples_per_second", "mfu", "data_wait_fraction")
+TIMING_KEYS += ("peak_memory_rss_mib", "peak_memory_allocated_mib", "peak_memory_reserved_mib")
 LOOP_VS_FOREACH = "correctness/loop_vs_foreach"
 NO_HOST_SYNC = "correctness/no_host_sync"
 RESUME = "correctness/resume_bitwise"
 OPTIMIZER_STEP = "optimizer_step"
 TRAINER = "trainer_throughput"
-PART_ORDER = (LOOP_VS_FOREACH, NO_HOST_SYNC, RESUME, OPTIMIZER_STEP, TRAINER)
+LEVERS = "levers"
+PART_ORDER = (LOOP_VS_FOREACH, NO_HOST_SYNC, RESUME, OPTIMIZER_STEP, TRAINER, LEVERS)
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,14 @@ class Sizes:
     warmup_steps: int
     timed_steps: int
     precision: str  # run.mixed_precision of every throughput setting
+    # the levers (channels_last, compile, JPEG decode)
+    lever_model: str
+    lever_image: int
+    lever_batch: int  # global = micro batch: one micro-batch per step
+    lever_warmup: int  # the compile happens here
+    lever_timed: int
+    jpeg_side: int  # the generated JPEGs' side (the crop is lever_image)
+    jpeg_workers: int  # data.num_workers of the streaming run
 
 
 # digits: 1,437 training images / 256 = 5 optimizer steps per epoch.
@@ -138,6 +155,13 @@ GPU_SIZES = Sizes(
     warmup_steps=2,
     timed_steps=6,
     precision="bf16",
+    lever_model="resnet50",
+    lever_image=224,
+    lever_batch=256,
+    lever_warmup=3,
+    lever_timed=8,
+    jpeg_side=320,
+    jpeg_workers=12,
 )
 DRY_SIZES = Sizes(
     check_channels=8,
@@ -158,6 +182,13 @@ DRY_SIZES = Sizes(
     # BatchNorm buffers left in fp32) the CPU batch norm refuses ResNet-18's mixed dtypes
     # ("expected scalar type BFloat16 but found Float"). The GPU run finds out whether CUDA's does.
     precision="no",
+    lever_model="test_resnet",
+    lever_image=32,
+    lever_batch=8,
+    lever_warmup=1,
+    lever_timed=2,
+    jpeg_side=40,
+    jpeg_workers=1,
 )
 
 
@@ -735,6 +766,11 @@ def _call_times(fn: Callable[[], object], cuda: bool, calls: int) -> list[float]
 
 def trainer_overrides(spec: dict) -> list[str]:
     steps = spec["warmup_steps"] + spec["timed_steps"]
+    data = spec.get("data") or [
+        "data.name=synthetic",
+        f"data.image_size={spec['image_size']}",
+        f"data.num_synthetic={spec['global_batch'] * steps}",
+    ]
     return [
         f"run.output_dir={spec['output_dir']}",
         "run.overwrite=true",
@@ -742,12 +778,11 @@ def trainer_overrides(spec: dict) -> list[str]:
         "run.trackers=[]",
         "run.progress_bar=false",
         f"run.mixed_precision={spec['precision']}",
-        "data.name=synthetic",
-        f"data.image_size={spec['image_size']}",
-        f"data.num_synthetic={spec['global_batch'] * steps}",
-        "model.name=resnet18",
+        *data,
+        f"model.name={spec.get('model', 'resnet18')}",
         f"batch.global_batch_size={spec['global_batch']}",
         f"batch.micro_batch_size={spec['micro_batch']}",
+        *spec.get("levers", []),
     ]
 
 
@@ -782,16 +817,19 @@ def worker(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()  # host sync: the step's kernels finish inside the timing
 
-    batches = iter(loader)
-    seconds = []
+    # The trainer's own instrument times the waits for input (the bare loop waits the same way).
+    report = trainer.report if spec["kind"] != "bare" else None
+    batches = report.timed(iter(loader), 0) if report else iter(loader)
+    seconds, waits = [], []
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(spec["warmup_steps"] + spec["timed_steps"]):
-        started = time.perf_counter()
+        started, waited = time.perf_counter(), report.wait_seconds if report else 0.0
         step(batches)
         sync()
         seconds.append(time.perf_counter() - started)
+        waits.append((report.wait_seconds if report else 0.0) - waited)
     timed = seconds[spec["warmup_steps"] :]
     # The input pipeline alone, per optimizer step: gather accum micro-batches from the on-device
     # dataset and augment them (pad-crop, flip, normalise), as the step does before its forwards.
@@ -817,7 +855,14 @@ def worker(spec: dict) -> dict:
     }
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if spec["kind"] != "bare":
+    if report:
+        from tvlars_scale.training.reporting import peak_bf16_flops
+
+        peak = peak_bf16_flops(device)
+        images_per_s = spec["global_batch"] / step_median
+        result["mfu"] = round(report.flops_per_sample * images_per_s / peak, 4) if peak else "n/a"
+        result["data_wait_fraction"] = round(sum(waits[spec["warmup_steps"] :]) / sum(timed), 4)
+        result["first_step_s"] = round(seconds[0], 2)  # the compile, for compiled settings
         result["distributed_type"] = str(trainer.accelerator.distributed_type)
         trainer.close()
     return result
@@ -954,6 +999,102 @@ def benchmark_trainer(
     report.add(f"{prefix}/summary", MEASURED if cuda else DRY_MEASURED, **summary)
 
 
+def write_jpeg_tree(root: Path, num_train: int, side: int, num_classes: int = 4) -> Path:
+    """An ImageNet-style folder of random-noise JPEGs (quality 90): root/{train,val}/<class>/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", num_train), ("val", 2 * num_classes)):
+        for index in range(count):
+            folder = root / split / f"n{index % num_classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{split}_{index}.JPEG", quality=90)
+    return root
+
+
+def benchmark_levers(
+    report: Report, device, sizes: Sizes, workdir: Path, deadline: Deadline
+) -> None:
+    """ResNet-50 images/s through the trainer with each lever on and off: synthetic ImageNet-shaped
+    batches in memory (eager NCHW, channels_last, compile, both), then a generated JPEG tree
+    streamed with CPU decode (both levers on) for the data-wait fraction. MFU against the device's
+    bf16 peak. Each setting in a fresh process (one at a time on the GPU)."""
+    prefix = LEVERS
+    cuda = device.type == "cuda"
+    steps = sizes.lever_warmup + sizes.lever_timed
+    base = {
+        "kind": "trainer",
+        "model": sizes.lever_model,
+        "image_size": sizes.lever_image,
+        "global_batch": sizes.lever_batch,
+        "micro_batch": sizes.lever_batch,
+        "warmup_steps": sizes.lever_warmup,
+        "timed_steps": sizes.lever_timed,
+        "precision": sizes.precision,
+    }
+    both = ["model.channels_last=true", "run.compile=true"]
+    tree = write_jpeg_tree(workdir / "jpeg_tree", sizes.lever_batch * steps, sizes.jpeg_side)
+    jpeg = [
+        "data.name=imagenet",
+        f"data.path={tree}",
+        "data.storage=stream",
+        f"data.image_size={sizes.lever_image}",
+        f"data.num_workers={sizes.jpeg_workers}",
+    ]
+    settings = {
+        "synthetic/eager_nchw": {},
+        "synthetic/channels_last": {"levers": both[:1]},
+        "synthetic/compile": {"levers": both[1:]},
+        "synthetic/both": {"levers": both},
+        "jpeg/both_cpu_decode": {"levers": both, "data": jpeg},
+    }
+    threads = {} if cuda else {"OMP_NUM_THREADS": "1"}
+    commands = {}
+    for name, extra in settings.items():
+        spec = {**base, **extra, "output_dir": str(workdir / "levers" / name.replace("/", "_"))}
+        command = [sys.executable, __file__, "--worker-spec", json.dumps(spec)]
+        commands[name] = (command, clean_env(threads))
+    results: dict[str, dict] = {}
+    batches = [list(commands)] if not cuda else [[name] for name in commands]
+    for names in batches:
+        timeout = deadline.timeout(240 if cuda else 400)
+        if timeout < 30:
+            for name in names:
+                report.add(f"{prefix}/{name}", "skipped: time budget spent")
+            continue
+        for name, finished in zip(
+            names, run_processes([commands[n] for n in names], timeout), strict=True
+        ):
+            if finished.returncode != 0:
+                status = (
+                    "timed out" if finished.returncode is None else f"exit {finished.returncode}"
+                )
+                report.add(f"{prefix}/{name}", f"error: {status}", output=_tail(finished.output))
+                continue
+            results[name] = json.loads(finished.output.strip().splitlines()[-1])
+            report.add(f"{prefix}/{name}", MEASURED if cuda else DRY_MEASURED, **results[name])
+    report.add(f"{prefix}/jpeg/gpu_decode", "skipped: data.decoder=dali is not built yet")
+    summary = {
+        "model": sizes.lever_model,
+        "image_size": sizes.lever_image,
+        "batch": sizes.lever_batch,
+    }
+    eager = results.get("synthetic/eager_nchw")
+    for lever in ("channels_last", "compile", "both"):
+        if eager and f"synthetic/{lever}" in results:
+            ratio = results[f"synthetic/{lever}"]["images_per_s"] / eager["images_per_s"]
+            summary[f"{lever}_ratio"] = round(ratio, 3)
+    if "jpeg/both_cpu_decode" in results and "synthetic/both" in results:
+        summary["jpeg_cpu_decode_vs_synthetic"] = round(
+            results["jpeg/both_cpu_decode"]["images_per_s"]
+            / results["synthetic/both"]["images_per_s"],
+            3,
+        )
+    report.add(f"{prefix}/summary", MEASURED if cuda else DRY_MEASURED, **summary)
+
+
 def _free_port() -> int:
     import socket
 
@@ -985,12 +1126,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--parts",
-        default="correctness,optimizer,trainer",
-        help="comma-separated subset of correctness,optimizer,trainer",
+        default="correctness,optimizer,trainer,levers",
+        help="comma-separated subset of correctness,optimizer,trainer,levers",
     )
     parser.add_argument("--out", type=Path, help="directory for gpu_check.json")
     parser.add_argument("--workdir", type=Path, help="run directories (default: a temporary one)")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="time for the whole check")
+    parser.add_argument("--budget-s", type=float, default=520.0, help="time for the whole check")
     parser.add_argument("--worker-spec", help=argparse.SUPPRESS)  # one throughput setting
     args = parser.parse_args()
     if args.worker_spec:
@@ -1042,6 +1183,10 @@ def main() -> int:
     if "trainer" in parts:
         jobs.append(
             (TRAINER, False, lambda: benchmark_trainer(report, device, sizes, workdir, deadline))
+        )
+    if "levers" in parts:
+        jobs.append(
+            (LEVERS, False, lambda: benchmark_levers(report, device, sizes, workdir, deadline))
         )
 
     def run_job(prefix: str, job: Callable[[], None]) -> None:

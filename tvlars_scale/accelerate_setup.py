@@ -46,6 +46,7 @@ from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.nonfinite import check_deepspeed_skips_nonfinite
 from tvlars_scale.optim import bind_fsdp, bind_zero
 from tvlars_scale.run_dir import MLFLOW_ARTIFACTS_DIR, MLFLOW_DB, TENSORBOARD_DIR
+from tvlars_scale.training import levers
 
 __all__ = [
     "StepAccumulation",
@@ -278,16 +279,30 @@ def check_engine_plan(engine, accelerator: Accelerator, plan: BatchPlan) -> None
 
 
 def prepare(
-    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: BatchPlan,
+    config: Config | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, AbstractContextManager]:
     """``accelerator.prepare`` with the plan put into DeepSpeed and checked, the layer-wise
     optimizer bound to its ZeRO partitions or FSDP2 shards; returns the prepared model and optimizer and the extra
-    autocast the forward passes need (only DeepSpeed's half precision needs one)."""
+    autocast the forward passes need (only DeepSpeed's half precision needs one). ``config``'s
+    ``model.channels_last`` and ``run.compile`` are applied around it (:mod:`tvlars_scale.training.levers`)."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
         put_plan_into_deepspeed(accelerator, plan)
         reduce_gradients_in_fp32(accelerator)
+    run = config.run if config is not None else None
+    if config is not None and config.model.channels_last:
+        levers.to_channels_last(model)
+    if run is not None and run.compile:
+        levers.compile_before_prepare(model, accelerator, run.compile_mode, run.compile_regional)
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    if run is not None and run.compile:
+        levers.compile_after_prepare(
+            prepared_model, accelerator, run.compile_mode, run.compile_regional
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         # Accelerate has repointed the optimizer to the DTensor shards; FSDP2's policy casts.
         if hasattr(optimizer, "bind_layout"):

@@ -45,6 +45,7 @@ __all__ = [
     "LARSConfig",
     "ModelConfig",
     "OptimConfig",
+    "ProfileConfig",
     "RunConfig",
     "SGDConfig",
     "ScheduleConfig",
@@ -73,6 +74,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True
     )
+
+
+class ProfileConfig(_Section):
+    start_step: int = Field(10, ge=0)
+    """First optimizer step profiled (counted like the run's steps; after warm-up and compile)."""
+    num_steps: int = Field(3, ge=1)
+    """Optimizer steps in the trace."""
 
 
 class RunConfig(_Section):
@@ -111,6 +119,20 @@ class RunConfig(_Section):
     launcher ends the job: a hung or lost rank then costs this long, not the whole allocation.
     Given to the process group (torch.distributed / DeepSpeed init); null: torch's default (NCCL
     10 min, gloo 30 min). Keep it above the longest checkpoint save and evaluation."""
+    compile: bool = False
+    """torch.compile the model (in place: checkpoints and exports keep the eager names); graph
+    breaks are counted and printed. Costs compile time at the first steps (minutes for ResNet-50)."""
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
+    """torch.compile's mode (run.compile)."""
+    compile_regional: bool = True
+    """run.compile per repeated block (a ResNet's residual blocks: one graph per block shape, less
+    compile time) where the model has such blocks; false: the whole model as one graph."""
+    profile: ProfileConfig | None = None
+    """{start_step: 10, num_steps: 3}: a torch.profiler trace of these optimizer steps, written to
+    output_dir/profile/ (TensorBoard's profiler plugin, Perfetto or chrome://tracing open it);
+    null: no profiling."""
 
 
 class DataConfig(_Section):
@@ -185,6 +207,9 @@ class ModelConfig(_Section):
     """Convert BatchNorm layers to SyncBatchNorm (statistics over all ranks)."""
     init: Literal["kaiming_uniform", "timm"] = "kaiming_uniform"
     """Weight init: Kaiming-uniform as in the paper, or timm's own."""
+    channels_last: bool = False
+    """NHWC (channels_last) weights and inputs: faster convolutions on tensor-core GPUs (and most
+    CPUs); the results differ from NCHW by float rounding only."""
 
 
 class BatchConfig(_Section):
@@ -647,6 +672,7 @@ def reference_markdown() -> str:
     for section, model in _sections():
         for name, field in _name_first(model.model_fields):
             annotation = str(field.annotation).replace("typing.", "")
+            annotation = annotation.replace(f"{_Section.__module__}.", "")  # a nested section
             annotation = re.sub(r"<class '(\w+)'>", r"\1", annotation).replace("|", "\\|")
             default = field.get_default(call_default_factory=True)
             meaning = " ".join((field.description or "").split()).replace("|", "\\|")

@@ -43,6 +43,7 @@ from tvlars_scale.telemetry import (
     trust_ratio_summary,
 )
 from tvlars_scale.train_state import TrainState
+from tvlars_scale.training.reporting import RunReport
 
 __all__ = ["TrainState", "Trainer"]
 
@@ -116,8 +117,10 @@ class Trainer:
         resume_from = self.resume_from
         # self.optimizer stays the client optimizer (its param groups, telemetry); the prepared
         # wrapper only zeroes gradients and, without DeepSpeed, steps it.
+        # FLOPs, MFU, memory, data wait, profile; the FLOPs are counted on the eager model.
+        self.report = RunReport(model, self.data, self.plan, accelerator, config, self.run_dir.path)
         self.model, self.prepared_optimizer, self.precision = prepare(
-            accelerator, model, self.optimizer, self.plan
+            accelerator, model, self.optimizer, self.plan, config
         )
         # Dropout and other global-RNG draws differ per rank, like the samples they apply to.
         set_seed(run.seed, device_specific=True)
@@ -191,11 +194,12 @@ class Trainer:
             self.model.train()
             self.train_loader.set_epoch(state.epoch)
             self.train_loader.start_at(state.micro_batch)
-            batches = iter(self.train_loader)
+            batches = self.report.timed(iter(self.train_loader), state.step)
             while state.micro_batch < len(self.train_loader):
                 step = state.step
                 loss = self.train_step(MicroBatches(batches, self.plan.grad_accum_steps))
                 progress.update(1)
+                self.report.after_step(state.step)
                 applied = state.step != step  # not skipped for NaN/Inf gradients
                 if applied:
                     self._window.add(loss)
@@ -332,11 +336,13 @@ class Trainer:
             record = {"step": self.state.step, "lr": lr, "phi_t": phi, "layers": stats}
             self.run_dir.append_layer_stats(record)
             values.update(trust_ratio_summary(stats, self.adapted_layers))
+        values.update(self.report.window(values["samples_per_second"]))
         self.accelerator.log(values, step=self.state.step)
         progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{values['lr']:.3g}")
 
     def _write_metrics(self, train_seconds: float) -> dict:
         metrics = run_metrics(self.history, self.state, self.plan, self.lr, train_seconds)
+        metrics.update(self.report.summary())
         self.run_dir.write_metrics(metrics)
         return metrics
 

@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = "tvlars_scale"
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / PACKAGE
-TRAINER_MAX_LINES = 350
+TRAINER_MAX_LINES = 360
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,19 @@ def _is_elementwise(value, tensor: torch.Tensor) -> bool:
 
 
 def _run_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
-    # An FSDP2 DTensor's pieces index its local shard.
-    return local_tensor(tensor).view(-1).narrow(0, piece.start, piece.numel)
+    # An FSDP2 DTensor's pieces index its local shard. Runs follow the logical (NCHW) order, so a
+    # checkpoint does not depend on the layout: a channels_last weight (model.channels_last) is not
+    # contiguous, and reshape copies it (it is a whole-tensor piece; sharded pieces are flat views).
+    return local_tensor(tensor).reshape(-1).narrow(0, piece.start, piece.numel)
+
+
+def _copy_run(tensor: torch.Tensor, piece: Piece, where: slice, values: torch.Tensor) -> None:
+    """``values`` into elements ``where`` of ``piece``'s run of ``tensor``, in logical order."""
+    run = _run_of(tensor, piece)
+    run[where].copy_(values)
+    local = local_tensor(tensor)
+    if not local.is_contiguous():  # run was a copy of a channels_last tensor: write it back
+        local.copy_(run.view(local.shape))
 
 
 def capture_layer_state(
@@ -150,14 +161,14 @@ class _Merge:
             slice(begin - first, end - first),
             slice(begin - saved["offset"], end - saved["offset"]),
         )
-        _run_of(target.tensor, piece)[destination].copy_(saved["weights"][source])
+        _copy_run(target.tensor, piece, destination, saved["weights"][source])
         target.covered[None] += end - begin
         buffers = self.state[id(target.tensor)]
         for key, values in saved["state"].items():
             if key not in buffers:
                 # Padding of a flat partition is never read by the layer-wise update: zeros are fine.
                 buffers[key] = torch.zeros_like(target.tensor)
-            _run_of(buffers[key], piece)[destination].copy_(values[source])
+            _copy_run(buffers[key], piece, destination, values[source])
             target.covered[key] += end - begin
 
     def finish(self) -> None:

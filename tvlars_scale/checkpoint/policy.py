@@ -56,6 +56,13 @@ OPERATIONAL_KEYS = frozenset(
         "run.progress_bar",
         "run.max_nonfinite_steps",
         "run.collective_timeout_s",
+        "run.compile",  # the throughput levers: the same model, computed faster
+        "run.compile_mode",
+        "run.compile_regional",
+        "run.profile",
+        "run.profile.start_step",
+        "run.profile.num_steps",
+        "model.channels_last",
         "batch.micro_batch_size",
         "data.path",
         "data.index",

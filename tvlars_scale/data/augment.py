@@ -18,7 +18,8 @@ class BatchAugment:
     Training: every sample is zero-padded by ``crop_padding`` pixels on each side, cropped back to
     ``H x W`` at a uniformly random offset, and mirrored left-right with probability 1/2 (as
     torchvision's ``RandomCrop(padding=p)`` + ``RandomHorizontalFlip()``). Then
-    ``(x / 255 - mean) / std`` per channel. ``train=False`` only normalises.
+    ``(x / 255 - mean) / std`` per channel. ``train=False`` only normalises. ``memory_format``:
+    the output's layout (``torch.channels_last`` for an NHWC model).
 
     The random offsets and flips come from a CPU generator seeded with ``seed`` (give each rank its
     own, e.g. ``seed + rank``): the same seed gives the same augmentation on CPU and GPU, and
@@ -33,6 +34,7 @@ class BatchAugment:
         flip: bool = True,
         train: bool = True,
         seed: int = 0,
+        memory_format: torch.memory_format = torch.preserve_format,
     ) -> None:
         if len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
@@ -41,6 +43,7 @@ class BatchAugment:
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         self.crop_padding, self.flip, self.train = crop_padding, flip, train
+        self.memory_format = memory_format
         std_t = torch.tensor(std, dtype=torch.float32)
         # (x / 255 - mean) / std == x * scale + shift: one multiply-add per element.
         scale = (1.0 / (255.0 * std_t)).view(-1, 1, 1)
@@ -62,7 +65,9 @@ class BatchAugment:
             cpu_affine = self._affine_on[torch.device("cpu")]
             self._affine_on[images.device] = tuple(t.to(images.device) for t in cpu_affine)
         scale, shift = self._affine_on[images.device]
-        return images.float().mul_(scale).add_(shift)
+        # The float batch is written once, in the layout the model wants (model.channels_last).
+        floats = images.to(torch.float32, memory_format=self.memory_format)
+        return floats.mul_(scale).add_(shift)
 
     def crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
         """The geometric part alone: uint8 in, uint8 out, one gather for the whole batch."""

@@ -125,12 +125,22 @@ def _foreach_add_into(out: Tensors, xs: Tensors, ys: Tensors, *, alpha: float = 
         LOOP.add_into(out, xs, ys, alpha=alpha)
 
 
+def _foreach_mul_(xs: Tensors, other: Tensors | float) -> None:
+    if not isinstance(other, list) and xs[0].device.type == "cpu":
+        # On the CPU, torch._foreach_mul_ rounds a Python scalar to the tensors' dtype (beta1 = 0.9
+        # becomes 0.8984375 in bf16) where Tensor.mul_ multiplies in fp32; its CPU kernel is a
+        # per-tensor loop anyway, so the loop's op costs nothing and keeps the executors equal.
+        LOOP.mul_(xs, other)
+    else:
+        torch._foreach_mul_(xs, other)
+
+
 LOOP = _loop_ops()
 FOREACH = SimpleNamespace(
     add_=torch._foreach_add_,
     add_into=_foreach_add_into,
     add_scalar_=torch._foreach_add_,
-    mul_=torch._foreach_mul_,
+    mul_=_foreach_mul_,
     copy_=torch._foreach_copy_,
     sqrt_=torch._foreach_sqrt_,
     reciprocal_=torch._foreach_reciprocal_,

@@ -22,14 +22,16 @@ class ClassificationTask(Task):
         self.data = data
         # Streamed data arrives cropped and flipped by the loader: only normalise it here.
         on_device = not data.augmented_in_loader
+        layout = torch.channels_last if config.model.channels_last else torch.preserve_format
         self.train_augment = BatchAugment(
             data.mean,
             data.std,
             crop_padding=config.data.crop_padding if on_device else 0,
             flip=config.data.flip and on_device,
             seed=config.run.seed + rank,
+            memory_format=layout,
         )
-        self.eval_transform = BatchAugment(data.mean, data.std, train=False)
+        self.eval_transform = BatchAugment(data.mean, data.std, train=False, memory_format=layout)
 
     def build_model(self) -> nn.Module:
         return build_configured_model(self.config, self.data)

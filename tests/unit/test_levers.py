@@ -1,0 +1,90 @@
+"""tvlars_scale.training: the levers' pieces (blocks, names, layouts) and the report's FLOPs / peaks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tvlars_scale.checkpoint.layer_state import (
+    capture_layer_state,
+    restore_layer_state,
+    unsharded_layout,
+)
+from tvlars_scale.models import build_model
+from tvlars_scale.optim import TVLARS, layerwise_param_groups
+from tvlars_scale.training.levers import compile_in_place, repeated_blocks, to_channels_last
+from tvlars_scale.training.reporting import peak_bf16_flops, train_flops
+
+
+def test_regional_compilation_picks_the_residual_blocks():
+    resnet = timm.create_model("resnet18", num_classes=10)
+    blocks = repeated_blocks(resnet)
+    assert len(blocks) == 8 and {type(b).__name__ for b in blocks} == {"BasicBlock"}
+    # digits_cnn repeats only leaf layers (conv, norm, ReLU): no block, the whole model compiles.
+    assert repeated_blocks(build_model("digits_cnn", 10, in_chans=1, image_size=8)) == []
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_compiling_in_place_keeps_the_eager_names(regional):
+    resnet = timm.create_model("resnet18", num_classes=10)
+    names = list(resnet.state_dict())
+    compile_in_place(resnet, regional=regional)  # compiles lazily: nothing runs here
+    assert list(resnet.state_dict()) == names
+    assert not any("_orig_mod" in name for name in names)
+
+
+def test_channels_last_gives_nhwc_weights_and_inputs():
+    model = build_model("resnet18", 10, image_size=32)
+    reference = copy.deepcopy(model).eval()
+    to_channels_last(model).eval()
+    conv = model.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    seen = []
+    model.layer1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=1e-5, atol=1e-5)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layer_state_of_a_channels_last_model_restores_into_nchw():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, image_size=32)
+    nchw = copy.deepcopy(model)
+    to_channels_last(model)
+    optimizer = TVLARS(layerwise_param_groups(model, 5e-4), lr=1.0)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+    optimizer.step()
+    payload = capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)
+    target = TVLARS(layerwise_param_groups(nchw, 5e-4), lr=1.0)
+    restore_layer_state(target, unsharded_layout(nchw, target), [payload])
+    for (name, p), q in zip(model.named_parameters(), nchw.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        for key in optimizer._buffers:
+            assert torch.equal(optimizer.state[p][key], target.state[q][key]), (name, key)
+    # ... and back into a channels_last model, whose weights stay NHWC.
+    to_channels_last(back := copy.deepcopy(nchw))
+    again = TVLARS(layerwise_param_groups(back, 5e-4), lr=1.0)
+    restore_layer_state(again, unsharded_layout(back, again), [payload])
+    assert torch.equal(back.conv1.weight, model.conv1.weight)
+    assert back.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_train_flops_of_a_conv_and_a_linear():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(512, 4)
+    )
+    conv, linear = 3 * 8 * 9 * 64, 512 * 4  # multiply-adds per sample
+    # forward 2 * MACs; backward: both weight gradients, the linear's input gradient (the
+    # images need none).
+    assert train_flops(model, (3, 8, 8)) == 2 * (conv + linear) + 2 * (conv + 2 * linear)
+    assert all(p.device.type == "cpu" and p.grad is None for p in model.parameters())
+
+
+def test_no_bf16_peak_on_the_cpu():
+    assert peak_bf16_flops(torch.device("cpu")) is None

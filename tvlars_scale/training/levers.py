@@ -1,0 +1,114 @@
+"""Throughput levers: ``model.channels_last`` and ``run.compile``, around Accelerate's ``prepare``.
+
+**channels_last** (NHWC): the weights of 4-D layers are converted before ``prepare`` (the optimizer
+keeps its parameters: ``Module.to`` swaps their data in place), and a forward pre-hook makes every
+4-D input channels_last (a no-op when the augmentation already wrote it so). A convolution runs NHWC
+when its input or its weight is channels_last; that matters under DeepSpeed ZeRO, which flattens the
+weights into contiguous buffers, and FSDP2, which all-gathers them contiguous: there the input's
+layout alone keeps the convolutions NHWC.
+
+**compile**: ``nn.Module.compile`` compiles in place, so parameter and buffer names stay the eager
+ones (no ``_orig_mod.``) in checkpoints, exports and the optimizer's layer names. Regional
+compilation (``run.compile_regional``) compiles each repeated block (a timm ResNet's Bottlenecks)
+instead of the whole model: blocks of one class and shape share one compiled graph, which cuts
+compile time with the same kernels inside each block. The order follows each backend's docs:
+
+* one process and DDP: after ``prepare``, on the prepared model (PyTorch compiles the DDP-wrapped
+  module, whose DDPOptimizer splits the graph at bucket boundaries) or on its blocks;
+* FSDP2: the blocks (or the model) before ``fully_shard`` (torchtitan's and the FSDP2 docs' order);
+* DeepSpeed: ``engine.compile()`` after ``deepspeed.initialize`` (DeepSpeed's documented API; it
+  compiles the whole module, its ZeRO hooks decide the rest).
+
+Graph breaks come from dynamo's counters (:func:`graph_breaks`), printed with the run's report.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+__all__ = [
+    "compile_after_prepare",
+    "compile_before_prepare",
+    "compile_in_place",
+    "graph_breaks",
+    "repeated_blocks",
+    "to_channels_last",
+]
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """NHWC weights (4-D parameters and buffers) and inputs, in place; returns ``model``."""
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_inputs_to_channels_last)
+    return model
+
+
+def _inputs_to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    return tuple(
+        arg.contiguous(memory_format=torch.channels_last)
+        if isinstance(arg, torch.Tensor) and arg.ndim == 4
+        else arg
+        for arg in args
+    )
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of ``nn.Sequential`` / ``nn.ModuleList`` containers whose class occurs at
+    least twice and that have children of their own (a residual block, a transformer layer; not a
+    lone convolution): what regional compilation compiles. Empty when the model has none."""
+    containers = [m for m in model.modules() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    candidates = [
+        child
+        for container in containers
+        for child in container.children()
+        if next(child.children(), None) is not None
+    ]
+    counts = Counter(type(child) for child in candidates)
+    blocks = [child for child in candidates if counts[type(child)] >= 2]
+    # A block inside another chosen block is compiled with it.
+    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
+    return [block for block in blocks if id(block) not in inner]
+
+
+def compile_in_place(model: nn.Module, mode: str = "default", regional: bool = True) -> None:
+    """``nn.Module.compile`` on ``model``'s repeated blocks (``regional`` and it has some), else on
+    the whole model; the names of parameters and buffers do not change."""
+    blocks = repeated_blocks(model) if regional else []
+    for module in blocks or [model]:
+        module.compile(mode=mode)
+
+
+def compile_before_prepare(
+    model: nn.Module, accelerator: Accelerator, mode: str, regional: bool
+) -> None:
+    """FSDP2: compile before ``fully_shard`` wraps the blocks; other backends: nothing here."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        compile_in_place(model, mode, regional)
+
+
+def compile_after_prepare(
+    prepared: nn.Module, accelerator: Accelerator, mode: str, regional: bool
+) -> None:
+    """One process, DDP: compile the prepared model (or its blocks); DeepSpeed: the engine's own
+    ``compile``; FSDP2: done before ``prepare``."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return
+    if kind == DistributedType.DEEPSPEED:
+        prepared.compile(compile_kwargs={"mode": mode})
+    elif regional and repeated_blocks(accelerator.unwrap_model(prepared)):
+        compile_in_place(accelerator.unwrap_model(prepared), mode, regional=True)
+    else:
+        prepared.compile(mode=mode)
+
+
+def graph_breaks() -> dict[str, int]:
+    """Graph breaks so far in this process, by reason (dynamo's counters; empty without compile)."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
