@@ -194,7 +194,8 @@ class TVLARS(LayerwiseOptimizer):
 
 def _check_nonnegative(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() != 1:  # as torch: a tensor lr is a scalar
-            raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+        # As torch: a tensor lr is a scalar (one element), not a per-element rate.
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got {tuple(value.shape)}")
         if not value >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {value}")
