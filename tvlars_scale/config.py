@@ -53,6 +53,8 @@ __all__ = [
     "TVLARSOfficialConfig",
     "load_config",
     "reference_markdown",
+    "resolve_config",
+    "shipped_configs",
 ]
 
 
@@ -644,9 +646,42 @@ def _switch_variants(raw: dict, overrides: list[str] | tuple[str, ...]) -> None:
             raw[section] = {key: value for key, value in node.items() if key in new.model_fields}
 
 
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")
+"""The experiment YAMLs installed with the package (a clone's ``configs/`` links here)."""
+
+
+def shipped_configs() -> dict[str, str]:
+    """Each YAML shipped in the package by name (a run's ``--config NAME``, or one of the paper's
+    grids) -> its first comment line."""
+    return {
+        path.stem: next(
+            (line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#")),
+            "",
+        )
+        for path in sorted(SHIPPED_CONFIGS.glob("*.yaml"))
+    }
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The file ``--config`` names: a path is read as given; a bare name that is no file here
+    (``digits``) is the config shipped under that name."""
+    path = Path(name_or_path)
+    if path.is_file() or len(path.parts) != 1 or path.suffix:
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(
+            "--config",
+            f"no file {str(path)!r} and no shipped config of that name "
+            f"(shipped: {', '.join(shipped_configs())})",
+        )
+    return shipped
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (YAML), apply ``key=value`` overrides in order, validate; raise ConfigError."""
-    path = Path(path)
+    """Read ``path`` (YAML, or a shipped config's name: :func:`resolve_config`), apply
+    ``key=value`` overrides in order, validate; raise ConfigError."""
+    path = resolve_config(path)
     try:
         text = path.read_text()
     except OSError as error:

@@ -1,6 +1,8 @@
 """Train from a config file: ``accelerate launch -m tvlars_scale.train --config C.yaml [key=value ...]``.
 
 One process without a launcher: ``tvlars-train --config C.yaml`` (or ``python -m tvlars_scale.train``).
+``--config`` also takes the name of a config shipped in the package (``--config digits``);
+``--list-configs`` lists them.
 ``--dry-run`` builds everything for the world size it is launched with (the model on the meta
 device), prints the batch plan and the resolved config, writes nothing and exits 0.
 A bad config or argument prints ONE line, ``config error: <key>: <problem>``, and exits with status 2
@@ -21,7 +23,7 @@ import argparse
 import os
 import sys
 
-from tvlars_scale.config import ConfigError, load_config
+from tvlars_scale.config import SHIPPED_CONFIGS, ConfigError, load_config, shipped_configs
 from tvlars_scale.nonfinite import NonFiniteError
 
 
@@ -32,7 +34,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _ArgumentParser(prog="tvlars-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--config", help="experiment YAML, or the name of a shipped one (digits: --list-configs)"
+    )
+    what.add_argument(
+        "--list-configs", action="store_true", help="list the configs shipped in the package"
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -47,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.list_configs:
+            print(f"shipped in {SHIPPED_CONFIGS} (--config NAME; the grids: --grid PATH):")
+            for name, description in shipped_configs().items():
+                print(f"{name:24} {description}")
+            return 0
         config = load_config(args.config, args.overrides)
         # Imported after validation: a config error is reported before the trainer and Accelerate
         # are imported (torch and timm are loaded already: tvlars_scale/__init__.py imports the

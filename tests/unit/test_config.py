@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from tvlars_scale.batching import plan_batches
-from tvlars_scale.config import Config, ConfigError, load_config, reference_markdown
+from tvlars_scale.config import (
+    SHIPPED_CONFIGS,
+    Config,
+    ConfigError,
+    load_config,
+    reference_markdown,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,7 +229,7 @@ def test_cli_argument_and_file_errors_are_one_line(tmp_path):
     missing_flag = run_cli("optim.lr=1")
     assert missing_flag.returncode == 2
     assert missing_flag.stderr.strip() == (
-        "config error: arguments: the following arguments are required: --config"
+        "config error: arguments: one of the arguments --config --list-configs is required"
     )
     broken = write_yaml(tmp_path / "broken.yaml", "run: {output_dir: x\n")
     malformed = run_cli("--config", str(broken))
@@ -244,3 +250,23 @@ def test_shipped_experiment_configs_validate_and_their_batch_comment_holds(name)
     assert micro * accum * ranks == total == config.batch.global_batch_size
     assert micro == config.batch.micro_batch_size
     assert plan_batches(total, micro, ranks).grad_accum_steps == accum
+
+
+def test_a_bare_name_is_a_shipped_config_unless_a_file_has_it(tmp_path, monkeypatch):
+    assert (REPO_ROOT / "configs").resolve() == SHIPPED_CONFIGS.resolve()  # the clone's link
+    assert load_config("digits") == load_config(SHIPPED_CONFIGS / "digits.yaml")
+    monkeypatch.chdir(tmp_path)
+    write_yaml(tmp_path / "digits", "run:\n  seed: 7\n")  # a file of that name here wins
+    assert load_config("digits").run.seed == 7
+    with pytest.raises(ConfigError, match=r"no shipped config of that name.*digits_study"):
+        load_config("digitz")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("digitz.yaml")  # a file name is never looked up among the shipped ones
+
+
+def test_list_configs_names_every_shipped_yaml(tmp_path):
+    result = run_cli("--list-configs", cwd=tmp_path)
+    assert result.returncode == 0 and not list(tmp_path.iterdir())
+    listed = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert listed == sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
+    assert "digits" in listed

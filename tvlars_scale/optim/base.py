@@ -134,7 +134,14 @@ class LayerwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._constructed.update(id(p) for p in self.param_groups[-1]["params"])
+        params = self.param_groups[-1]["params"]
+        if any(p.is_complex() for p in params):
+            self.param_groups.pop()  # refused whole, as torch refuses a group with a repeated tensor
+            raise ValueError(
+                f"{type(self).__name__} does not support complex parameters (the layer norms and "
+                "the moments are defined for real tensors); optimize torch.view_as_real(p) instead"
+            )
+        self._constructed.update(id(p) for p in params)
 
     @property
     def layout(self) -> ShardedLayout | None:

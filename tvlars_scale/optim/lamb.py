@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import LayerwiseOptimizer
 from .functional import lamb_direction, ratio_or_one, scaled_apply
 from .tvlars import _check_nonnegative
@@ -21,7 +23,8 @@ class LAMB(LayerwiseOptimizer):
         \end{aligned}
 
     with :math:`c` = ``clamp_value``. As in pytorch-optimizer's default (``debias=False``, the paper's v3)
-    the moments are not bias-corrected. Excluded layers get trust 1 and no weight decay.
+    the moments are not bias-corrected. Excluded layers get trust 1 and no weight decay. ``lr`` (a
+    float or a 0-dim tensor) defaults to pytorch-optimizer's ``1e-3``.
     ``exclude_1d`` and ``foreach`` are keyword-only and mean what they mean for
     :class:`~tvlars_scale.optim.TVLARS`.
     """
@@ -31,7 +34,7 @@ class LAMB(LayerwiseOptimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,

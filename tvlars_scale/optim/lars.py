@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import LayerwiseOptimizer
 from .functional import decayed_gradient, heavy_ball_apply, ratio_or_one
 from .tvlars import _check_nonnegative
@@ -29,8 +31,12 @@ class LARS(LayerwiseOptimizer):
         layers get trust 1 and no weight decay. The first step's buffer is the scaled direction itself,
         as in Flash (a zero buffer times ``momentum`` plus the direction).
 
-    ``exclude_1d`` and ``foreach`` are keyword-only and mean what they mean for
-    :class:`~tvlars_scale.optim.TVLARS`; ``nesterov`` may be positional, as in ``torch.optim.SGD``.
+    ``lr`` (:math:`\eta_0`, a float or a 0-dim tensor) defaults to ``1.0``, as timm's ``Lars``
+    (Flash requires it): with :math:`\eta = 10^{-3}` an adapted layer then moves by about 0.1% of
+    its norm per step, while ``torch.optim.SGD``'s ``1e-3`` would move it by a millionth. The paper's
+    LARS baselines run at 1 to 19 with the batch; the configs set it. ``exclude_1d`` and ``foreach``
+    are keyword-only and mean what they mean for :class:`~tvlars_scale.optim.TVLARS`; ``nesterov``
+    may be positional, as in ``torch.optim.SGD``.
     """
 
     _buffers = ("momentum_buffer",)
@@ -38,7 +44,7 @@ class LARS(LayerwiseOptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | torch.Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta: float = 1e-3,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from . import schedules
 from .base import LayerwiseOptimizer
 from .functional import decayed_gradient, heavy_ball_apply, ratio_or_one, tvlars_apply
@@ -88,7 +90,12 @@ class TVLARS(LayerwiseOptimizer):
     Args:
         params: parameters or parameter groups (groups may set ``adapt``, ``exclude_1d``,
             ``weight_decay``, ``lr``, ...).
-        lr: target learning rate :math:`\eta_0`.
+        lr: target learning rate :math:`\eta_0` (a float or a 0-dim tensor). The default ``1.0`` is
+            the smallest of the paper's target LRs (1 to 19 across its batch sizes) and
+            the default of timm's ``Lars``: with the trust coefficient :math:`\eta = 10^{-3}` an
+            adapted layer moves by about :math:`\eta_0 \phi_t \eta = 0.1\%` of its norm per step,
+            a safe start. Large batches want more (the configs set it, scaled with the batch);
+            ``torch.optim.SGD``'s ``1e-3`` would move a layer by a millionth of its norm.
         momentum: :math:`\mu`. weight_decay: :math:`\beta`. eta: trust coefficient :math:`\eta`.
         lmbda: steepness :math:`\lambda` of the decay (paper: 1e-4 classification, 1e-5 Barlow Twins).
         alpha, gamma_min: shape of :math:`\phi_t` (paper variant only).
@@ -104,7 +111,7 @@ class TVLARS(LayerwiseOptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float | torch.Tensor = 1.0,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         eta: float = 1e-3,
@@ -187,5 +194,8 @@ class TVLARS(LayerwiseOptimizer):
 
 def _check_nonnegative(**values: float) -> None:
     for name, value in values.items():
+        # As torch: a tensor lr is a scalar (one element), not a per-element rate.
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got {tuple(value.shape)}")
         if not value >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {value}")
