@@ -28,6 +28,13 @@ flat buffer scales with its size), FSDP2 tensors have ResNet-50's / the transfor
 with one element per row (FSDP2 cuts rows: the element count per row changes no count here).
 Optimizer state: one momentum buffer and a step counter per tensor, as TVLARS keeps.
 
+Two more sections, each the library's own code at a simulated W: the dataset index
+(``follower_startup_entries`` of tests/distributed/listing.py: a 1,281,167-entry ImageNet index is
+written as rank 0 would, then opened as every other rank does, counting directory entries listed)
+and a log step (``log_step_bytes_per_rank`` of benchmarks/log_step_bytes.py: the trainer's log step
+on one rank of torch's fake process group of W ranks, counting the bytes its collectives deliver, for
+L = 161 and 1,000 layers). ``--sections`` picks which run (``checkpoint`` is the hour-long one).
+
 Slopes are d ln(count + 1) / d ln W between W = 512 and W = 4096: 0 means the per-rank cost does not
 grow with the world size, 1 that it grows linearly. Prints a table, then ONE JSON line.
 ``python benchmarks/scale.py [--world-sizes 8 64 512 4096] [--cases ...]`` (about an hour on 2
@@ -39,10 +46,12 @@ from __future__ import annotations
 import argparse
 import builtins
 import contextlib
+import importlib.util
 import io
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 from collections import defaultdict
@@ -61,8 +70,22 @@ from tvlars_scale.optim import Piece, ShardedLayout, TensorLayout
 from tvlars_scale.optim.zero_layout import flat_window_pieces, split_param_pieces
 from tvlars_scale.run_dir import RunDir
 
+SECTIONS = ["dataset", "log_step", "checkpoint"]
 KEEP_LAST = 1  # checkpoints kept: each save after the first prunes one
 ZERO_SCALE = 64  # ZeRO tensors: ResNet-50's sizes / 64
+
+
+HERE = Path(__file__).resolve().parent
+IMAGENET_TRAIN = 1_281_167
+
+
+def _load(name: str, path: Path):
+    """A helper module of this repository that is not part of the package, by its path."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- counting ---------------------------------------------------------------------------------
@@ -493,14 +516,71 @@ def report(rows: list[dict]) -> dict:
     return summary
 
 
+# --- the dataset index and the log step -------------------------------------------------------
+def dataset_section(world_sizes: list[int], workdir: Path) -> dict:
+    """Directory entries a rank other than the first lists at start-up, per simulated W (its
+    start-up holds no loop over ranks: one broadcast, the index memory-mapped, one six-int
+    all_reduce)."""
+    listing = _load("listing", HERE.parent / "tests" / "distributed" / "listing.py")
+    rows = {}
+    for world_size in world_sizes:
+        directory = workdir / f"index-{world_size}"
+        directory.mkdir()
+        rows[world_size] = listing.follower_startup_entries(str(directory), IMAGENET_TRAIN)
+        print(json.dumps({"section": "dataset", "W": world_size, "entries": rows[world_size]}))
+    return rows
+
+
+def log_step_section(world_sizes: list[int]) -> dict:
+    """Bytes rank 0 (which writes the per-layer statistics) and rank W-1 receive at a log step."""
+    log_step = _load("log_step_bytes", HERE / "log_step_bytes.py")
+    rows = {}
+    for num_layers in (161, 1000):
+        for world_size in world_sizes:
+            rows[num_layers, world_size] = max(
+                log_step.log_step_bytes_per_rank(world_size, num_layers, rank=rank)
+                for rank in (0, world_size - 1)
+            )
+    return rows
+
+
+def _log_slope(counts: dict[int, int], low: int = 512, high: int = 4096) -> float:
+    if low not in counts or high not in counts:
+        return float("nan")
+    return round(math.log((counts[high] + 1) / (counts[low] + 1)) / math.log(high / low), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument(
+        "--sections", nargs="+", default=SECTIONS, choices=SECTIONS, help="what to count"
+    )
     args = parser.parse_args()
+    summary = {}
     with tempfile.TemporaryDirectory(prefix="tvlars-scale-") as workdir:
-        rows = checkpoint_sections(args.world_sizes, args.cases, Path(workdir))
-    print(json.dumps(report(rows)))
+        if "dataset" in args.sections:
+            entries = dataset_section(args.world_sizes, Path(workdir))
+            print("\nW     dataset entries listed, a rank other than the first (1,281,167 images)")
+            for world_size, count in entries.items():
+                print(f"{world_size:<5} {count}")
+            summary["startup_dataset_entries_other_ranks"] = max(entries.values())
+            summary["startup_dataset_entries_other_ranks_slope"] = _log_slope(entries)
+        if "log_step" in args.sections:
+            received = log_step_section(args.world_sizes)
+            print("\nL     W     bytes a rank receives at a log step (worst of rank 0 and W-1)")
+            for (num_layers, world_size), count in received.items():
+                print(f"{num_layers:<5} {world_size:<5} {count}")
+            summary["log_step_bytes_per_rank"] = max(received.values())
+            summary["log_step_bytes_per_rank_slope"] = max(
+                _log_slope({w: c for (n, w), c in received.items() if n == layers})
+                for layers in (161, 1000)
+            )
+        if "checkpoint" in args.sections:
+            rows = checkpoint_sections(args.world_sizes, args.cases, Path(workdir))
+            summary.update(report(rows))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
