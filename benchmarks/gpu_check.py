@@ -477,6 +477,34 @@ def _tail(text: str, limit: int = 2000) -> str:
     return text[-limit:]
 
 
+def _run_workers(
+    report: Report, prefix: str, commands: dict, cuda: bool, deadline: Deadline, seconds
+) -> dict[str, dict]:
+    """Run the named worker commands and report each one's last JSON line (its result): on the GPU
+    one at a time (they would share the card), on the CPU dry run all together. ``seconds``: the
+    time a batch of workers gets (an int, or a function of the batch's size)."""
+    results: dict[str, dict] = {}
+    batches = [list(commands)] if not cuda else [[name] for name in commands]
+    for names in batches:
+        timeout = deadline.timeout(seconds(len(names)) if callable(seconds) else seconds)
+        if timeout < 30:
+            for name in names:
+                report.add(f"{prefix}/{name}", "skipped: time budget spent")
+            continue
+        for name, finished in zip(
+            names, run_processes([commands[n] for n in names], timeout), strict=True
+        ):
+            if finished.returncode != 0:
+                status = (
+                    "timed out" if finished.returncode is None else f"exit {finished.returncode}"
+                )
+                report.add(f"{prefix}/{name}", f"error: {status}", output=_tail(finished.output))
+                continue
+            results[name] = json.loads(finished.output.strip().splitlines()[-1])
+            report.add(f"{prefix}/{name}", MEASURED if cuda else DRY_MEASURED, **results[name])
+    return results
+
+
 def nested_difference(a, b, where: str = "") -> str | None:
     """Where two checkpoint payloads first differ (bitwise), or None when they are equal."""
     import torch
@@ -956,27 +984,9 @@ def benchmark_trainer(
         spec = {**base, **spec, "output_dir": str(workdir / name)}
         command = [sys.executable, __file__, "--worker-spec", json.dumps(spec)]
         commands[name] = (command, clean_env(env))
-    results: dict[str, dict] = {}
-    # On the GPU one at a time (they would share the card); the CPU dry run starts them together.
-    batches = [list(commands)] if not cuda else [[name] for name in commands]
-    for names in batches:
-        timeout = deadline.timeout(180 * len(names) if cuda else 240)
-        if timeout < 30:
-            for name in names:
-                report.add(f"{prefix}/{name}", "skipped: time budget spent")
-            continue
-        for name, finished in zip(
-            names, run_processes([commands[n] for n in names], timeout), strict=True
-        ):
-            if finished.returncode != 0:
-                status = (
-                    "timed out" if finished.returncode is None else f"exit {finished.returncode}"
-                )
-                report.add(f"{prefix}/{name}", f"error: {status}", output=_tail(finished.output))
-                continue
-            result = json.loads(finished.output.strip().splitlines()[-1])
-            results[name] = result
-            report.add(f"{prefix}/{name}", MEASURED if cuda else DRY_MEASURED, **result)
+    results = _run_workers(
+        report, prefix, commands, cuda, deadline, lambda n: 180 * n if cuda else 240
+    )
     summary = {
         "model": "resnet18",
         "image_size": sizes.image_size,
@@ -1056,25 +1066,7 @@ def benchmark_levers(
         spec = {**base, **extra, "output_dir": str(workdir / "levers" / name.replace("/", "_"))}
         command = [sys.executable, __file__, "--worker-spec", json.dumps(spec)]
         commands[name] = (command, clean_env(threads))
-    results: dict[str, dict] = {}
-    batches = [list(commands)] if not cuda else [[name] for name in commands]
-    for names in batches:
-        timeout = deadline.timeout(240 if cuda else 400)
-        if timeout < 30:
-            for name in names:
-                report.add(f"{prefix}/{name}", "skipped: time budget spent")
-            continue
-        for name, finished in zip(
-            names, run_processes([commands[n] for n in names], timeout), strict=True
-        ):
-            if finished.returncode != 0:
-                status = (
-                    "timed out" if finished.returncode is None else f"exit {finished.returncode}"
-                )
-                report.add(f"{prefix}/{name}", f"error: {status}", output=_tail(finished.output))
-                continue
-            results[name] = json.loads(finished.output.strip().splitlines()[-1])
-            report.add(f"{prefix}/{name}", MEASURED if cuda else DRY_MEASURED, **results[name])
+    results = _run_workers(report, prefix, commands, cuda, deadline, 240 if cuda else 400)
     report.add(f"{prefix}/jpeg/gpu_decode", "skipped: data.decoder=dali is not built yet")
     summary = {
         "model": sizes.lever_model,

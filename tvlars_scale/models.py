@@ -107,7 +107,29 @@ def init_kaiming_uniform(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-class DigitsCNN(nn.Module):
+class PooledClassifier(nn.Module):
+    """timm's classifier interface over ``forward_features`` (a subclass's): global average pooling
+    and the linear ``head`` of ``num_features`` inputs, which a subclass builds."""
+
+    num_features: int
+    head: nn.Module
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+
+class DigitsCNN(PooledClassifier):
     """Three 3x3 conv blocks and a linear head: a few seconds per epoch of 8x8 digits on a CPU.
 
     GroupNorm instead of BatchNorm: no batch statistics, so a batch split into micro batches,
@@ -134,20 +156,6 @@ class DigitsCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))
-        return pooled if pre_logits else self.head(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 @register_model

@@ -17,8 +17,10 @@ from timm.models import register_model
 from timm.models.resnet import BasicBlock
 from torch import nn
 
+from tvlars_scale.models import PooledClassifier
 
-class SmallResNet(nn.Module):
+
+class SmallResNet(PooledClassifier):
     """BatchNorm ResNet of ``depth = 6 n + 2`` layers (n blocks per stage), timm's classifier
     interface (``forward_features`` / ``forward_head`` / ``reset_classifier``)."""
 
@@ -59,20 +61,6 @@ class SmallResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))
-        return pooled if pre_logits else self.head(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 def _entry(width: int):
