@@ -272,7 +272,7 @@ def test_non_owner_rank_writes_nothing():
     model, optimizer = _model_and_optimizer()
     _train(model, optimizer, 1, seed=1)
     payload = capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=False)
-    assert payload == {"shapes": {}, "scalars": {}, "runs": []}
+    assert payload == {"shapes": {}, "scalars": {}, "state_keys": {}, "runs": []}
 
 
 def test_unsharded_layout_is_the_stepped_parameters_as_whole_layers():

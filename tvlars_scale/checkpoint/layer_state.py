@@ -81,7 +81,7 @@ def capture_layer_state(
     alone when every rank holds the same whole parameters. Every piece is cloned: saving a view would
     write the whole flat partition behind it.
     """
-    payload: dict = {"shapes": {}, "scalars": {}, "runs": []}
+    payload: dict = {"shapes": {}, "scalars": {}, "state_keys": {}, "runs": []}
     if not owner:
         return payload
     names = layout.layer_names
@@ -97,6 +97,10 @@ def capture_layer_state(
                 payload["scalars"][names[layer]] = {
                     k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()
                 }
+                # Named even where this rank holds no piece of the layer: a rank restoring an
+                # empty shard of it from this file alone still gets every buffer (empty), so all
+                # ranks' optimizer states have the same keys (DTensor state ops are collectives).
+                payload["state_keys"][names[layer]] = sorted(elementwise)
         for piece in entry.pieces:
             payload["runs"].append(
                 {
@@ -132,6 +136,7 @@ class _Merge:
                 self.targets[names[piece.layer]].append(_Target(tensor, piece))
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.scalars: dict[str, dict] = {}
+        self.state_keys: dict[str, set[str]] = defaultdict(set)
         self.state: dict[int, dict[str, torch.Tensor]] = defaultdict(
             dict
         )  # id(tensor) -> key -> buffer
@@ -144,8 +149,11 @@ class _Merge:
             known = self.scalars.setdefault(layer, values)
             if not _same_values(known, values):
                 raise ValueError(f"checkpoint ranks disagree on the optimizer state of {layer}")
+        for layer, keys in payload.get("state_keys", {}).items():  # absent before format 2
+            self.state_keys[layer].update(keys)
         for run in payload["runs"]:
             layer = run["layer"]
+            self.state_keys[layer].update(run["state"])
             if self.current.get(layer) != self.shapes.get(layer):
                 continue  # :meth:`finish` names the mismatch; nothing is copied into a wrong shape
             for target in self.targets.get(layer, ()):
@@ -212,6 +220,9 @@ class _Merge:
                         "different per-tensor optimizer state (step counters) in the checkpoint"
                     )
             buffers = self.state.pop(id(tensor), {})
+            for key in set().union(*(self.state_keys[layer] for layer in layers)) - buffers.keys():
+                # Padding of a flat partition is never read by the layer-wise update: zeros are fine.
+                buffers[key] = torch.zeros_like(tensor)
             for key in buffers:
                 for piece in entry.pieces:
                     covered = next(
