@@ -179,7 +179,9 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def rank_files(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name.startswith("rank-"))
+    return sorted(
+        p.name for p in path.iterdir() if p.name.startswith("rank-") and p.suffix == ".pt"
+    )
 
 
 def assert_equal(a, b, where: str) -> None:
