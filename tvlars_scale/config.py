@@ -218,7 +218,9 @@ class BatchConfig(_Section):
     global_batch_size: int = Field(512, ge=1)
     """Samples per optimizer step over all ranks (the effective batch)."""
     micro_batch_size: int = Field(64, ge=1)
-    """Samples per forward/backward on one rank; grad_accum_steps is derived from the two sizes."""
+    """The most samples a rank takes per forward/backward; grad_accum_steps is derived from the two
+    sizes and the world size (ceil(global / (micro x world))), and where the global batch does not
+    divide, micro batches differ by one sample, each weighted by its count."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Scale optim.lr by global/base batch (linear) or its square root (sqrt, as in the paper)."""
     base_batch_size: int = Field(256, ge=1)
@@ -575,13 +577,8 @@ def _validate(raw: dict) -> Config:
 
 def _check_consistency(config: Config) -> None:
     """Checks across fields: a setting that would be silently ignored is refused."""
-    batch = config.batch
-    if batch.global_batch_size % batch.micro_batch_size:
-        raise ConfigError(
-            "batch.global_batch_size",
-            f"{batch.global_batch_size} is not a multiple of batch.micro_batch_size "
-            f"({batch.micro_batch_size})",
-        )
+    # Any global batch splits over any world size (batching.plan_batches: micro batches differing
+    # by one sample, weighted): no divisibility to check here.
     _check_data(config)
     trackers = config.run.trackers
     for tracker in trackers:

@@ -68,13 +68,13 @@ def assert_continues(run_dir: Path, reference_dir: Path, resumed_at: int, last_s
 
 
 def test_a_run_saved_at_3_ranks_resumes_at_2(tmp_path):
-    # 128 over 3 ranks: 43 + 43 + 42 per step; over 2: 32 micro x 2 accumulation.
+    # 128 over 3 ranks at micro 32: 2 rounds of 22 + 21 + 21; over 2: 32 micro x 2 accumulation.
     reference_dir = tmp_path / "three"
     config = write_config(tmp_path, reference_dir, **ONE_EPOCH)
     output = train("zero2", config, 3)
     assert (
-        f"effective batch {GLOBAL_BATCH} = 3 ranks x 1 accumulation x 42-43 micro "
-        "(2 of the 3 micro batches take 43)" in output
+        f"effective batch {GLOBAL_BATCH} = 3 ranks x 2 accumulation x 21-22 micro "
+        "(2 of the 6 micro batches take 22)" in output
     )
     assert steps(reference_dir) == [4, 8, 11]
 

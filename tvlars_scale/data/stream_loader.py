@@ -315,5 +315,10 @@ def _raise_unreadable(batches: Iterator) -> Iterator:
     """``(images, labels, skipped)``; a worker's unreadable-image error raised here, in one line."""
     for images, labels, skipped, error in batches:
         if error is not None:
+            # The decode workers ignore SIGTERM (pre-emption); at exit multiprocessing would
+            # terminate and then join them forever. Stop them through their queues first.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             raise UnreadableImageError(error)
         yield images, labels, skipped
