@@ -61,7 +61,7 @@ from types import SimpleNamespace
 import torch
 
 from tvlars_scale.checkpoint.checkpointer import read_rank_files
-from tvlars_scale.checkpoint.collectives import Collectives, thread_collectives
+from tvlars_scale.checkpoint.collectives import Collectives, run_on_threads
 from tvlars_scale.checkpoint.directory import CHECKPOINTS_DIR, save_checkpoint
 from tvlars_scale.checkpoint.geometry import saved_geometry
 from tvlars_scale.checkpoint.layer_state import capture_layer_state, restore_layer_state
@@ -306,26 +306,9 @@ def _check_restored(layout: ShardedLayout, optimizer: SimpleNamespace) -> None:
 
 # --- sections ---------------------------------------------------------------------------------
 def _run_threads(world_size: int, work) -> list:
-    """``work(rank, collectives)`` on ``world_size`` threads; results in rank order."""
+    """``work(rank, collectives)`` on ``world_size`` threads; small stacks: 4,096 of them."""
     threading.stack_size(512 * 1024)
-    collectives, barrier = thread_collectives(world_size, timeout_s=600)
-    results, errors = [None] * world_size, []
-
-    def main(rank: int) -> None:
-        try:
-            results[rank] = work(rank, collectives[rank])
-        except BaseException as error:
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=main, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
+    return run_on_threads(world_size, work, timeout_s=600)
 
 
 def save_run(run: Path, kind, shapes, world_size: int, config: Config, counter: _Counter) -> dict:

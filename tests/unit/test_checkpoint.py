@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tvlars_scale.checkpoint import Checkpointer, directory, policy
-from tvlars_scale.checkpoint.collectives import thread_collectives
+from tvlars_scale.checkpoint.collectives import run_on_threads
 from tvlars_scale.checkpoint.directory import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -53,34 +52,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _save(run_dir: Path, step: int, world_size: int = 1, keep_last: int = 10, **metadata) -> Path:
     """Save ``step`` as the ranks of a ``world_size`` run would: one thread per rank, real barriers."""
-    collectives, barrier = thread_collectives(world_size)
-    paths, errors = {}, []
-
-    def rank_main(rank: int) -> None:
-        try:
-            paths[rank] = save_checkpoint(
-                run_dir,
-                step,
-                rank=rank,
-                world_size=world_size,
-                rank_payload={"rank": rank, "values": torch.arange(4) + rank},
-                shared_payloads={"shared.pt": {"step": step}, "config.yaml": "a: 1\n"},
-                metadata={"step": step, **metadata},
-                keep_last=keep_last,
-                collectives=collectives[rank],
-            )
-        except Exception as error:
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    assert len(set(paths.values())) == 1
+    paths = run_on_threads(
+        world_size,
+        lambda rank, collectives: save_checkpoint(
+            run_dir,
+            step,
+            rank=rank,
+            world_size=world_size,
+            rank_payload={"rank": rank, "values": torch.arange(4) + rank},
+            shared_payloads={"shared.pt": {"step": step}, "config.yaml": "a: 1\n"},
+            metadata={"step": step, **metadata},
+            keep_last=keep_last,
+            collectives=collectives,
+        ),
+    )
+    assert len(set(paths)) == 1
     return paths[0]
 
 

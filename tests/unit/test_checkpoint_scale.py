@@ -15,7 +15,6 @@ import io
 import math
 import os
 import re
-import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +25,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tvlars_scale.checkpoint import CheckpointCorruptError, Checkpointer, find_latest_complete
-from tvlars_scale.checkpoint.collectives import thread_collectives
+from tvlars_scale.checkpoint.collectives import run_on_threads
 from tvlars_scale.checkpoint.directory import load_file, rank_file, read_manifest, save_checkpoint
 from tvlars_scale.checkpoint.geometry import rank_files_to_read, saved_geometry
 from tvlars_scale.checkpoint.layer_state import (
@@ -80,34 +79,12 @@ def _config(run: Path, optim: dict | None = None, **checkpoint) -> Config:
     )
 
 
-def _on_threads(world_size: int, work) -> list:
-    """``work(rank, collectives)`` on ``world_size`` threads standing in for ranks."""
-    collectives, barrier = thread_collectives(world_size)
-    results, errors = [None] * world_size, []
-
-    def main(rank: int) -> None:
-        try:
-            results[rank] = work(rank, collectives[rank])
-        except Exception as error:
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=main, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 # --- resolving: the main process alone ------------------------------------------------------------
 def test_only_the_main_process_looks_for_the_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     config = _config(run, resume="auto")
     for step in (4, 8):  # a 16-rank checkpoint: 16 rank files nobody needs to look at
-        _on_threads(
+        run_on_threads(
             16,
             lambda rank, collectives, step=step: save_checkpoint(
                 run,
@@ -210,7 +187,7 @@ def test_a_rank_reads_its_own_file_or_only_the_overlapping_ones(tmp_path, kind):
         )
         return layout
 
-    saved_layouts = _on_threads(saved_world, save)
+    saved_layouts = run_on_threads(saved_world, save)
     info = find_latest_complete(tmp_path)
     assert info.geometry is not None
     for rank in range(saved_world):  # same world size: its own file (none if it holds nothing)
@@ -244,7 +221,7 @@ def test_runs_the_rule_cannot_place_leave_no_geometry(tmp_path):
     def geometry(rank: int, collectives):
         return saved_geometry(_flat(model, 2, 1 - rank), owner=True, collectives=collectives)
 
-    assert _on_threads(2, geometry) == [None, None]
+    assert run_on_threads(2, geometry) == [None, None]
     assert rank_files_to_read(None, _flat(model, 2, 0), 5) == [0, 1, 2, 3, 4]
 
 

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Collectives", "single_process", "thread_collectives", "torch_collectives"]
+__all__ = [
+    "Collectives",
+    "run_on_threads",
+    "single_process",
+    "thread_collectives",
+    "torch_collectives",
+]
 
 
 @dataclass(frozen=True)
@@ -108,3 +114,27 @@ def thread_collectives(
         return Collectives(rank, world_size, wait, gather, broadcast, all_reduce_max)
 
     return [make(rank) for rank in range(world_size)], barrier
+
+
+def run_on_threads(world_size: int, work, timeout_s: float = 60.0) -> list:
+    """``work(rank, collectives)`` on ``world_size`` threads standing in for ranks
+    (:func:`thread_collectives`); the results in rank order. A failing thread aborts the barrier,
+    so the others stop too, and its error is raised here."""
+    collectives, barrier = thread_collectives(world_size, timeout_s)
+    results, errors = [None] * world_size, []
+
+    def main(rank: int) -> None:
+        try:
+            results[rank] = work(rank, collectives[rank])
+        except BaseException as error:
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=main, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
