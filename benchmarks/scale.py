@@ -8,20 +8,20 @@ counts, per rank, the files opened, directory entries listed, stats and bytes re
 * start-up (``resume: auto``): ``RunDir.resolve_start`` on the main process and on another rank,
   over a run holding its newest checkpoint of W rank files (``keep_last`` = 1);
 * save: what rank 0 does to the checkpoint directory while publishing (listing, stats);
-* restore: ``read_rank_files`` (what ``Checkpointer.restore`` reads and checks) for sampled ranks of
-  a world of the same W, of 3W/4 and of W/8 ranks, then the per-layer merge
-  (``restore_layer_state``), whose values are checked, so a rank that opened too few files fails.
+* restore: ``read_for_restore`` (what ``Checkpointer.restore`` reads, checks and, at another world
+  size, exchanges) on every rank of a world of the same W, of 3W/4 and of W/8 ranks, then the
+  per-layer merge (``restore_layer_state``), whose values are checked, so a rank that got too few
+  pieces fails.
 
 How ranks are simulated (honestly, in one process): saving runs every one of the W ranks as a
 thread calling ``save_checkpoint`` and ``saved_geometry`` with ``thread_collectives`` (real
 barriers; the gather, broadcast and all-reduce through shared memory instead of a network).
-Start-up and restore run one sampled rank at a time with ``rank`` / ``world size`` set and the
-collectives standing in for the others (rank 0's broadcast is the value the main process found;
-the gather of verdicts is this rank's alone). Only the ranks 0, 1, W'/2 and W'-1 of each restoring
-world W' are sampled, which keeps W = 4096 to about a minute. File-system calls are counted by
+Restore runs every rank of the restarted world as a thread the same way (the all-to-all passes
+objects through shared memory). Start-up runs the main process and one other rank, the other's
+broadcast standing in for the main process's answer. File-system calls are counted by
 wrapping ``open`` / ``io.open`` (calls and bytes read), ``os.stat`` and ``os.scandir`` /
-``os.listdir`` (entries yielded) per thread; ``model.pt`` is not written (the model is not built:
-at restore every rank memory-maps it, FSDP2 ranks touching their rows only).
+``os.listdir`` (entries yielded) per thread; ``model.pt`` is a placeholder (the model is not built:
+at restore rank 0 checks it and every rank memory-maps it, FSDP2 ranks touching their rows only).
 
 Tensors are small: ZeRO sizes are ResNet-50's parameter sizes divided by 64 (the cut pattern of a
 flat buffer scales with its size), FSDP2 tensors have ResNet-50's / the transformer's row counts
@@ -60,11 +60,11 @@ from types import SimpleNamespace
 
 import torch
 
-from tvlars_scale.checkpoint.checkpointer import read_rank_files
 from tvlars_scale.checkpoint.collectives import Collectives, run_on_threads
 from tvlars_scale.checkpoint.directory import CHECKPOINTS_DIR, save_checkpoint
 from tvlars_scale.checkpoint.geometry import saved_geometry
 from tvlars_scale.checkpoint.layer_state import capture_layer_state, restore_layer_state
+from tvlars_scale.checkpoint.reading import read_for_restore
 from tvlars_scale.config import Config
 from tvlars_scale.optim import Piece, ShardedLayout, TensorLayout
 from tvlars_scale.optim.zero_layout import flat_window_pieces, split_param_pieces
@@ -373,38 +373,28 @@ def startup_checkpoint(run: Path, config: Config, counter: _Counter) -> tuple[di
 
 
 def restore_ranks(info, kind, shapes, new_world: int, counter: _Counter) -> list[dict]:
-    """Sampled ranks of a ``new_world``-rank restart: what each opens and reads, merged and checked."""
-    rows = []
-    for rank in sorted({0, 1 % new_world, new_world // 2, new_world - 1}):
+    """Every rank of a ``new_world``-rank restart, as threads: what each opens and reads
+    (``read_for_restore``: at another W the saved files are shared out and the pieces exchanged),
+    merged and checked."""
+
+    def rank_main(rank: int, collectives: Collectives) -> dict:
         layout = kind(shapes, new_world, rank)
-        alone = Collectives(rank, new_world, lambda: None, lambda x: [x], lambda x: x, lambda t: t)
-        counter.reset()
-        files, order = read_rank_files(info, layout, rank, alone)
-        counts = counter.of()
+        inputs = read_for_restore(info, layout, collectives)
+        counts = counter.of()  # this thread's: what this rank read (the exchange opens nothing)
         optimizer = SimpleNamespace(state={})
-        restore_layer_state(optimizer, layout, _payloads(files, order, rank))
+        restore_layer_state(optimizer, layout, (payload for _, payload in inputs.layers))
         _check_restored(layout, optimizer)
-        rank_files = len(order)  # its own file (when it had one) is first
-        rows.append(
-            {
-                "rank": rank,
-                "rank_files": rank_files,
-                "opens": counts.get("opens", 0),
-                "stats": counts.get("stats", 0),
-                "entries_listed": counts.get("entries_listed", 0),
-                "bytes_read": counts.get("bytes_read", 0),
-            }
-        )
-    return rows
+        return {
+            "rank": rank,
+            "rank_files": len(inputs.rank_files),
+            "opens": counts.get("opens", 0),
+            "stats": counts.get("stats", 0),
+            "entries_listed": counts.get("entries_listed", 0),
+            "bytes_read": counts.get("bytes_read", 0),
+        }
 
-
-def _payloads(files: dict, order: list[int], rank: int):
-    """The saved layer payloads in ``order``, unpickled one at a time (its own file already is)."""
-    for r in order:
-        payload = files.pop(r)
-        if r != rank:
-            payload = torch.load(io.BytesIO(payload), weights_only=True)
-        yield payload["layers"]
+    counter.reset()
+    return _run_threads(new_world, rank_main)
 
 
 def checkpoint_sections(world_sizes: list[int], names: list[str], workdir: Path) -> list[dict]:

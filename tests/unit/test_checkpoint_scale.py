@@ -15,6 +15,7 @@ import io
 import math
 import os
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ from tvlars_scale.checkpoint.layer_state import (
     restore_layer_state,
     unsharded_layout,
 )
+from tvlars_scale.checkpoint.reading import read_for_restore
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.optim import TVLARS, Piece, ShardedLayout, TensorLayout, layerwise_param_groups
 from tvlars_scale.optim.zero_layout import flat_window_pieces
@@ -212,6 +214,80 @@ def test_a_rank_reads_its_own_file_or_only_the_overlapping_ones(tmp_path, kind):
                 for key, value in (reference_state or {}).items():
                     same = torch.equal(state[key], value) if torch.is_tensor(value) else None
                     assert same if same is not None else state[key] == value, key
+
+
+def _whole(model: nn.Module, world_size: int, rank: int) -> ShardedLayout:
+    """One process / DDP: every rank steps every parameter whole (fresh zeros, to be restored)."""
+    return ShardedLayout.whole_layers(
+        [(name, torch.zeros_like(p)) for name, p in model.named_parameters()]
+    )
+
+
+@pytest.mark.parametrize("saved_kind", [_flat, _rows])
+@pytest.mark.parametrize("kind", [_flat, _rows, _whole])
+def test_at_another_world_size_each_saved_file_is_read_by_one_rank(
+    tmp_path, monkeypatch, saved_kind, kind
+):
+    """Another world size (or engine): saved file ``s`` is opened by rank ``s mod W`` alone and the
+    pieces reach their ranks by the all-to-all; what each rank restores equals the unsharded
+    reference (weights and optimizer state, bitwise)."""
+    model, optimizer = _model_and_optimizer()
+    unsharded = [capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)]
+    saved_world = 4
+
+    def save(rank: int, collectives) -> None:
+        layout = saved_kind(model, saved_world, rank)
+        sharded = SimpleNamespace(state={})
+        restore_layer_state(sharded, layout, unsharded)
+        save_checkpoint(
+            tmp_path,
+            1,
+            rank=rank,
+            world_size=saved_world,
+            rank_payload={"layers": capture_layer_state(sharded, layout, owner=True)},
+            shared_payloads={"trainer.pt": {}, "model.pt": {}},
+            metadata={},
+            keep_last=1,
+            collectives=collectives,
+            geometry=saved_geometry(layout, owner=True, collectives=collectives),
+        )
+
+    run_on_threads(saved_world, save)
+    info = find_latest_complete(tmp_path)
+    opened: list[tuple[int, str]] = []
+    original = builtins.open
+
+    def counting(file, *args, **kwargs):
+        if re.search(r"rank-\d+\.pt$", str(file)):
+            opened.append((threading.get_ident(), Path(file).name))
+        return original(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    for world_size in (3, 2, 6, 1) + ((4,) if kind is not saved_kind else ()):
+        opened.clear()
+
+        def restore(rank: int, collectives, world_size=world_size):
+            layout = kind(model, world_size, rank)
+            inputs = read_for_restore(info, layout, collectives)
+            restored = SimpleNamespace(state={})
+            restore_layer_state(restored, layout, (payload for _, payload in inputs.layers))
+            return threading.get_ident(), layout, restored
+
+        for thread, layout, restored in run_on_threads(world_size, restore):
+            mine = [name for ident, name in opened if ident == thread]
+            assert len(mine) <= math.ceil(saved_world / world_size), (world_size, mine)
+            expected = SimpleNamespace(state={})
+            reference = kind(model, world_size, 0) if kind is _whole else layout
+            restore_layer_state(expected, reference, unsharded)
+            for (tensor, _), (ref, _) in zip(layout.items(), reference.items(), strict=True):
+                assert torch.equal(tensor, ref)
+                state, reference_state = restored.state.get(tensor), expected.state.get(ref)
+                assert (state is None) == (reference_state is None)
+                for key, value in (reference_state or {}).items():
+                    same = torch.equal(state[key], value) if torch.is_tensor(value) else None
+                    assert same if same is not None else state[key] == value, key
+        names = sorted(name for _, name in opened)
+        assert names == [rank_file(s) for s in range(saved_world)]  # each file once, in all
 
 
 def test_runs_the_rule_cannot_place_leave_no_geometry(tmp_path):

@@ -25,26 +25,22 @@ optimizer state and data position load exactly; a rank that existed before conti
 streams and buffers, a new rank keeps the fresh streams it was seeded with and the main process's
 buffers (said once on the main process).
 
-What a rank reads to resume: its own rank file, the rank files holding the optimizer pieces it now
-holds (:mod:`.geometry`; at the same world size, its own file), ``trainer.pt`` and ``model.pt``
-(memory-mapped: an FSDP2 rank touches its own rows only). At the same world size that does not grow
-with it; on another, the overlapping files are about ``old / new`` under ZeRO-1/2 windows, more
-under ZeRO-3 slots and FSDP2 row blocks, which cut every layer by its own size. Every file it reads
-is checked against the manifest's size and checksum before anything is loaded, and the ranks agree
-on the outcome in one gather and one broadcast: a corrupt file is :class:`CheckpointCorruptError`,
-one line naming the checkpoint and the file (``resume: auto`` then takes the previous complete
-checkpoint, :meth:`~tvlars_scale.run_dir.RunDir.restore`). Each rank file is unpickled, merged and
-released in turn.
+What a rank reads to resume (:mod:`.reading`): at the same world size and geometry its own rank
+file; at another world size or under another engine ``ceil(old / new)`` rank files, each saved file
+read by one rank and its pieces sent on in one all-to-all; then ``trainer.pt`` and ``model.pt``
+(memory-mapped: an FSDP2 rank touches its own rows only). Every file it reads is checked against the
+manifest's size and checksum before anything is loaded: a corrupt file is
+:class:`CheckpointCorruptError`, one line naming the checkpoint and the file (``resume: auto`` then
+takes the previous complete checkpoint, :meth:`~tvlars_scale.run_dir.RunDir.restore`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -54,33 +50,29 @@ from torch import nn
 from tvlars_scale.checkpoint.collectives import Collectives, torch_collectives
 from tvlars_scale.checkpoint.directory import (
     CheckpointInfo,
-    CorruptFileError,
     load_bytes,
     load_file,
     rank_file,
-    rank_record,
-    read_verified,
     save_checkpoint,
 )
-from tvlars_scale.checkpoint.geometry import (
-    first_element_files,
-    rank_files_to_read,
-    saved_geometry,
-)
+from tvlars_scale.checkpoint.geometry import saved_geometry
 from tvlars_scale.checkpoint.layer_state import (
     capture_layer_state,
     restore_layer_state,
     unsharded_layout,
 )
 from tvlars_scale.checkpoint.policy import CONFIG_FILE
+from tvlars_scale.checkpoint.reading import (
+    MODEL_FILE,
+    TRAINER_FILE,
+    CheckpointCorruptError,
+    read_for_restore,
+)
 from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
-__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer", "read_rank_files"]
-
-MODEL_FILE = "model.pt"
-TRAINER_FILE = "trainer.pt"
+__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer"]
 
 
 class CheckpointRestoreError(ConfigError):
@@ -92,15 +84,6 @@ class CheckpointRestoreError(ConfigError):
         if len(problem) > 300:
             problem = problem[:297] + "..."
         super().__init__("checkpoint.resume", f"cannot restore {checkpoint}: {piece}: {problem}")
-
-
-class CheckpointCorruptError(ConfigError):
-    """A file of the checkpoint differs from its manifest (size or checksum), found before anything
-    was loaded: the run may continue from an earlier checkpoint."""
-
-    def __init__(self, checkpoint: Path, line: str):
-        super().__init__("checkpoint.resume", line)
-        self.checkpoint = checkpoint
 
 
 class TrainStateful(Protocol):
@@ -300,10 +283,11 @@ class Checkpointer:
         """
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
         own = rank if rank < info.world_size else None
-        files, order = read_rank_files(info, self.layout, rank, self.collectives)
-        own_payload = files.pop(own) if own is not None else None
-        piece = MODEL_FILE  # what is being restored, for the error
+        piece = "the optimizer state (per layer)"  # what is being restored, for the error
         try:
+            inputs = read_for_restore(info, self.layout, self.collectives)
+            own_payload = inputs.own
+            piece = MODEL_FILE
             model_state = load_file(info.path, MODEL_FILE, mmap=True)
             with self._full_parameters(modifier_rank=0):
                 self._load_model_state(model_state)
@@ -311,11 +295,9 @@ class Checkpointer:
 
             def layer_payloads():
                 nonlocal piece
-                for r in order:
-                    piece = rank_file(r)
-                    payload = own_payload if r == own else load_bytes(files.pop(r))
-                    piece = f"the optimizer state (per layer) in {rank_file(r)}"
-                    yield payload.pop("layers")  # released once merged
+                for source, payload in inputs.layers:
+                    piece = f"the optimizer state (per layer) in {source}"
+                    yield payload  # released once merged
 
             restore_layer_state(self.optimizer, self.layout, layer_payloads())
             piece = "the optimizer state (per layer)"
@@ -328,7 +310,7 @@ class Checkpointer:
                     piece = f"the model buffers in {rank_file(own)}"
                     self._load_buffers(own_payload["buffers"])
             piece = TRAINER_FILE
-            trainer_state = load_bytes(files.pop(TRAINER_FILE))
+            trainer_state = load_bytes(inputs.trainer)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
             problem = " ".join(str(error).split()) or type(error).__name__
             raise CheckpointRestoreError(info.path, piece, problem) from error
@@ -345,60 +327,6 @@ class Checkpointer:
             self.train_state.load_state_dict(trainer_state)
             self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state
-
-
-def _stateless_layers(layout: ShardedLayout, own_layers: dict | None) -> list[str]:
-    """Layers of tensors this rank holds no run of, whose per-tensor state (step counters) its own
-    saved payload does not carry: no file of runs brings it."""
-    names, carried = layout.layer_names, (own_layers or {}).get("scalars", {})
-    empty = [entry for _, entry in layout.items() if not any(p.numel for p in entry.pieces)]
-    return sorted({names[layer] for entry in empty for layer in entry.layers} - carried.keys())
-
-
-def read_rank_files(
-    info: CheckpointInfo, layout: ShardedLayout, rank: int, collectives: Collectives
-) -> tuple[dict[int | str, Any], list[int]]:
-    """Read and check every file ``rank`` needs to restore ``layout`` from ``info``, before
-    anything is loaded; the ranks agree on the outcome (a gather and a broadcast), so a corrupt
-    file anywhere stops every rank at the same point with the same line
-    (:class:`CheckpointCorruptError`).
-
-    Returns the files (rank index -> bytes; its own file already unpickled, as it decides what
-    else is needed; ``trainer.pt``'s bytes) and the rank files to merge, in order: its own, those
-    overlapping its pieces (:func:`.geometry.rank_files_to_read`), then -- only for layers it holds
-    none of and its own file has no step counters for -- those with their first element.
-    """
-    own = rank if rank < info.world_size else None
-    order = rank_files_to_read(info.geometry, layout, info.world_size)
-    files: dict[int | str, Any] = {}
-    problem = None
-    try:
-        for r in sorted({*order, *([] if own is None else [own])}):
-            files[r] = read_verified(info, rank_file(r), rank_record(info, r))
-        if own is not None:
-            files[own] = load_bytes(files[own])
-            order = [own] + [r for r in order if r != own]
-        missing = _stateless_layers(layout, files[own]["layers"] if own is not None else None)
-        for r in first_element_files(info.geometry, missing, info.world_size):
-            if r not in files:
-                files[r] = read_verified(info, rank_file(r), rank_record(info, r))
-                order.append(r)
-        files[TRAINER_FILE] = read_verified(info, TRAINER_FILE)
-        if rank == 0:
-            # The others memory-map model.pt (FSDP2: their rows only); one check suffices.
-            read_verified(info, MODEL_FILE)
-    except CorruptFileError as error:
-        problem = str(error)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
-        problem = f"checkpoint {info.path}: " + " ".join(str(error).split())
-    # collective: gather of one line (or None) per rank to rank 0.
-    problems = collectives.gather(problem)
-    first = next((p for p in problems if p), None) if problems is not None else None
-    # collective: broadcast of rank 0's verdict.
-    first = collectives.broadcast(first)
-    if first is not None:
-        raise CheckpointCorruptError(info.path, first)
-    return files, order
 
 
 def _is_dtensor(tensor) -> bool:

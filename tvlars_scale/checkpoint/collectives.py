@@ -4,12 +4,14 @@ Saving and resuming cost every rank the same at any world size: rank 0 alone lis
 directory and reads its manifest, the others receive what they need by :attr:`Collectives.broadcast`;
 each rank reports its file's size and checksum to rank 0 by one :attr:`Collectives.gather`; the
 per-layer geometry of what ranks save is one :attr:`Collectives.all_reduce_max` of ``4 x L``
-integers. Nothing here lists all ranks' files or sends anything to every rank that grows with the
-world size.
+integers. A resume at another world size reads each saved rank file on one rank and sends every
+rank its pieces by one :attr:`Collectives.all_to_all`. Nothing here lists all ranks' files or sends
+anything to every rank that grows with the world size.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,11 +42,16 @@ class Collectives:
     """Rank 0's object, on every rank."""
     all_reduce_max: Callable[[torch.Tensor], torch.Tensor]
     """The elementwise maximum over ranks of an int64 CPU tensor (returned; the argument may change)."""
+    all_to_all: Callable[[list], list]
+    """``objects[d]`` sent to rank ``d``; returns what every rank sent this one, in rank order
+    (``None`` sends nothing). The objects hold tensors and plain containers only."""
 
 
 def single_process() -> Collectives:
     """One process: every collective is the identity."""
-    return Collectives(0, 1, lambda: None, lambda obj: [obj], lambda obj: obj, lambda t: t)
+    return Collectives(
+        0, 1, lambda: None, lambda obj: [obj], lambda obj: obj, lambda t: t, lambda objs: objs
+    )
 
 
 def torch_collectives(device: torch.device) -> Collectives:
@@ -72,8 +79,34 @@ def torch_collectives(device: torch.device) -> Collectives:
         dist.all_reduce(moved, op=dist.ReduceOp.MAX)
         return moved.cpu()
 
+    def all_to_all(objects: list) -> list:
+        # Serialized with torch.save (tensors and containers; loaded back weights_only, no code).
+        blobs = []
+        for obj in objects:
+            buffer = io.BytesIO()
+            if obj is not None:
+                torch.save(obj, buffer)
+            blobs.append(buffer.getvalue())
+        sizes = torch.tensor([len(blob) for blob in blobs], dtype=torch.int64)
+        # collective: all_to_all_single of one int64 per rank pair (the sizes), then of the bytes.
+        received_sizes = torch.empty_like(sizes, device=device)
+        dist.all_to_all_single(received_sizes, sizes.to(device))
+        received_sizes = received_sizes.cpu().tolist()  # host sync: the split sizes
+        sent = torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8)
+        received = torch.empty(sum(received_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(
+            received, sent[: int(sizes.sum())].to(device), received_sizes, sizes.tolist()
+        )
+        data, objs, start = received.cpu().numpy().tobytes(), [], 0
+        for size in received_sizes:
+            blob, start = data[start : start + size], start + size
+            objs.append(torch.load(io.BytesIO(blob), weights_only=True) if blob else None)
+        return objs
+
     # collective: barrier over every rank.
-    return Collectives(rank, world_size, dist.barrier, gather, broadcast, all_reduce_max)
+    return Collectives(
+        rank, world_size, dist.barrier, gather, broadcast, all_reduce_max, all_to_all
+    )
 
 
 def thread_collectives(
@@ -81,7 +114,7 @@ def thread_collectives(
 ) -> tuple[list[Collectives], threading.Barrier]:
     """Ranks simulated as threads of one process (tests; ``benchmarks/scale.py``): one
     :class:`Collectives` per rank, real barriers, the gather / broadcast / all-reduce through
-    shared slots; and the barrier, which a failing thread aborts to release the others."""
+    shared slots (the all-to-all passes objects, not bytes); and the barrier, which a failing thread aborts to release the others."""
     barrier = threading.Barrier(world_size)
     slots: list = [None] * world_size
     shared: list = [None]  # what rank 0 sends, read by every thread
@@ -111,7 +144,14 @@ def thread_collectives(
             # Reduced once, by rank 0, and sent (the others wait in broadcast, writing no slot).
             return broadcast(torch.stack(slots).amax(0) if rank == 0 else None)
 
-        return Collectives(rank, world_size, wait, gather, broadcast, all_reduce_max)
+        def all_to_all(objects: list) -> list:
+            slots[rank] = objects
+            wait()
+            received = [slots[source][rank] for source in range(world_size)]
+            wait()
+            return received
+
+        return Collectives(rank, world_size, wait, gather, broadcast, all_reduce_max, all_to_all)
 
     return [make(rank) for rank in range(world_size)], barrier
 

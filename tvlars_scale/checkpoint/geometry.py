@@ -25,7 +25,13 @@ import torch
 from tvlars_scale.checkpoint.collectives import Collectives
 from tvlars_scale.optim.sharding import ShardedLayout
 
-__all__ = ["first_element_files", "rank_files_to_read", "saved_geometry"]
+__all__ = [
+    "cut_by_geometry",
+    "first_element_file",
+    "first_element_files",
+    "rank_files_to_read",
+    "saved_geometry",
+]
 
 _NONE = -(2**62)  # below any real value: "this rank says nothing about the layer"
 
@@ -105,6 +111,12 @@ def rank_files_to_read(
     return sorted(needed)
 
 
+def first_element_file(geometry: Mapping[str, tuple[int, int]], name: str, world_size: int) -> int:
+    """The rank of ``geometry`` whose run holds the first element of layer ``name``."""
+    base, chunk = geometry[name]
+    return min(base // chunk, world_size - 1)
+
+
 def first_element_files(
     geometry: Mapping[str, tuple[int, int]] | None, layers: Iterable[str], saved_world_size: int
 ) -> list[int]:
@@ -114,8 +126,25 @@ def first_element_files(
         return list(range(saved_world_size))
     return sorted(
         {
-            min(geometry[name][0] // geometry[name][1], saved_world_size - 1)
+            first_element_file(geometry, name, saved_world_size)
             for name in layers
             if name in geometry  # a layer not saved: restoring names it
         }
     )
+
+
+def cut_by_geometry(
+    geometry: Mapping[str, tuple[int, int]], name: str, offset: int, numel: int, world_size: int
+) -> Iterable[tuple[int, int, int]]:
+    """``(rank, first, end)``: the elements ``[first, end)`` of layer ``name`` that each rank of
+    ``geometry`` holds among ``[offset, offset + numel)`` (none when no rank holds the layer)."""
+    if name not in geometry or not numel:
+        return
+    base, chunk = geometry[name]
+    low = max((offset + base) // chunk, 0)
+    high = min((offset + numel - 1 + base) // chunk, world_size - 1)
+    for rank in range(low, high + 1):
+        first = max(offset, rank * chunk - base)
+        end = min(offset + numel, (rank + 1) * chunk - base)
+        if first < end:
+            yield rank, first, end

@@ -32,7 +32,7 @@ from torch import nn
 
 from tvlars_scale.optim.sharding import Piece, ShardedLayout, local_tensor
 
-__all__ = ["capture_layer_state", "restore_layer_state", "unsharded_layout"]
+__all__ = ["capture_layer_state", "restore_layer_state", "same_values", "unsharded_layout"]
 
 
 def unsharded_layout(model: nn.Module, optimizer: torch.optim.Optimizer) -> ShardedLayout:
@@ -147,7 +147,7 @@ class _Merge:
                 raise ValueError(f"checkpoint ranks disagree on the shape of {layer}")
         for layer, values in payload["scalars"].items():
             known = self.scalars.setdefault(layer, values)
-            if not _same_values(known, values):
+            if not same_values(known, values):
                 raise ValueError(f"checkpoint ranks disagree on the optimizer state of {layer}")
         for layer, keys in payload.get("state_keys", {}).items():  # absent before format 2
             self.state_keys[layer].update(keys)
@@ -214,7 +214,7 @@ class _Merge:
                 )
             scalars = self.scalars[stepped[0]]
             for layer in stepped[1:]:
-                if not _same_values(scalars, self.scalars[layer]):
+                if not same_values(scalars, self.scalars[layer]):
                     raise ValueError(
                         f"{stepped[0]} and {layer} share one optimizer partition here but have "
                         "different per-tensor optimizer state (step counters) in the checkpoint"
@@ -237,7 +237,8 @@ class _Merge:
             self.optimizer.state[tensor] = {**state, **dict(sorted(buffers.items()))}
 
 
-def _same_values(a: dict, b: dict) -> bool:
+def same_values(a: dict, b: dict) -> bool:
+    """Whether two dicts of per-tensor state (ints, 0-dim tensors) hold the same values."""
     if a.keys() != b.keys():
         return False
     for key in a:
