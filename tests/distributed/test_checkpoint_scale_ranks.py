@@ -73,9 +73,7 @@ def test_same_world_size_restores_bitwise_from_its_own_file(saved, restored, set
 
 
 @pytest.mark.parametrize("setting", checkpoint_worker.SETTINGS)
-def test_fewer_ranks_restore_the_unsharded_reference_each_file_read_once(
-    saved, restored, setting
-):
+def test_fewer_ranks_restore_the_unsharded_reference_each_file_read_once(saved, restored, setting):
     _, saved_ranks = saved
     ranks = restored(3)
     for rank in ranks:
