@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tvlars_scale.checkpoint.collectives import Collectives
 from tvlars_scale.checkpoint.directory import (
     CheckpointInfo,
@@ -189,15 +191,16 @@ def _read_shared(info: CheckpointInfo, rank: int) -> bytes:
 
 
 def _cut(run: dict, first: int, end: int) -> dict:
-    """Elements ``[first, end)`` of the layer, from a saved run that holds them."""
+    """Elements ``[first, end)`` of the layer, from a saved run that holds them: every elementwise
+    value of the run (the weights, the optimizer state, any other) cut alike."""
     begin, count = first - run["offset"], end - first
-    return {
-        "layer": run["layer"],
-        "offset": first,
-        "numel": count,
-        "weights": run["weights"].narrow(0, begin, count).clone(),
-        "state": {k: v.narrow(0, begin, count).clone() for k, v in run["state"].items()},
-    }
+
+    def cut(value):
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value.narrow(0, begin, count).clone() if torch.is_tensor(value) else value
+
+    return {**{k: cut(v) for k, v in run.items()}, "offset": first, "numel": count}
 
 
 def exchange_rank_files(
