@@ -63,7 +63,12 @@ def _config(kind: str, source: Path, overrides: list[str]) -> tuple[Config, dict
             raise ConfigError(key, "tvlars-eval takes data.* and batch.micro_batch_size only")
     quiet = ["run.trackers=[]", "run.progress_bar=false"]
     if kind == "checkpoint":
-        return load_config(source / CONFIG_FILE, [*overrides, *quiet]), None
+        config = load_config(source / CONFIG_FILE, [*overrides, *quiet])
+        if config.task.name != "classification":
+            raise ConfigError(
+                "PATH", f"{source} is a {config.task.name} checkpoint: no classifier to score"
+            )
+        return config, None
     meta = json.loads((source / META_FILE).read_text())
     if meta.get("exported") != "classifier":
         raise ConfigError(
@@ -81,10 +86,6 @@ def _model(kind: str, source: Path, config: Config, data) -> torch.nn.Module:
 
     if kind == "export":
         return load_exported(source)
-    if config.task.name != "classification":
-        raise ConfigError(
-            "PATH", f"{source} is a {config.task.name} checkpoint: it has no classifier to score"
-        )
     model = build_configured_model(config, data)
     state = torch.load(source / MODEL_FILE, map_location="cpu", weights_only=True)
     try:
