@@ -271,9 +271,12 @@ def _streaming_loaders(
     return train, evaluation
 
 
-def model(config: Config, task: Task, accelerator: Accelerator) -> nn.Module:
+def model(
+    config: Config, task: Task, accelerator: Accelerator, *, resuming: bool = False
+) -> nn.Module:
     """The task's network on the CPU, freshly initialised (call after seeding), then loaded from
-    ``model.init_from`` when set (:mod:`tvlars_scale.init_from`)."""
+    ``model.init_from`` when set (:mod:`tvlars_scale.init_from`) unless ``resuming`` (the
+    checkpoint's weights replace it)."""
     cpu_ranks = accelerator.device.type == "cpu" and accelerator.num_processes > 1
     if config.model.sync_batchnorm and cpu_ranks:
         raise ConfigError(
@@ -283,7 +286,7 @@ def model(config: Config, task: Task, accelerator: Accelerator) -> nn.Module:
         network = task.build_model()
     except ModelError as error:
         raise ConfigError("model.name", str(error)) from None
-    if config.model.init_from is not None:
+    if config.model.init_from is not None and not resuming:
         for line in load_initial_weights(network, config.model.init_from):
             accelerator.print(line)
     return network
