@@ -176,3 +176,26 @@ def test_in_memory_loader_augments_each_sample_from_its_index():
         rank_images, rank_indices = epoch_batches(2, rank)
         position = {int(i): k for k, i in enumerate(indices)}
         assert torch.equal(rank_images, images[[position[int(i)] for i in rank_indices]])
+
+
+def test_streamed_samples_are_augmented_in_the_transform_from_seed_epoch_and_index():
+    import io
+    import pickle
+
+    from PIL import Image
+
+    from tvlars_scale.data import Transform
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    augmented = Transform(16, train=True, seed=1, augment=SampleAugment("randaugment"))
+    plain = Transform(16, train=True, seed=1)
+    in_worker = pickle.loads(pickle.dumps(augmented))  # what a decode worker holds
+    samples = [(epoch, index) for epoch in (0, 3) for index in (0, 5, 9)]
+    outputs = [augmented(data, *sample) for sample in samples]
+    for output, sample in zip(outputs, samples, strict=True):
+        assert torch.equal(output, in_worker(data, *sample)) and output.shape == (3, 16, 16)
+    assert any(not torch.equal(o, plain(data, *s)) for o, s in zip(outputs, samples, strict=True))
+    assert len({tuple(o.flatten().tolist()) for o in outputs}) == len(samples)
