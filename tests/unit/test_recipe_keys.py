@@ -78,3 +78,26 @@ def test_eval_arguments_exit_2_with_one_line(tmp_path, checkpoint, capsys, monke
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(start) and detail in err, err
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_train_with_unreadable_init_weights_exits_2_writing_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    overrides = [f"run.output_dir={run_dir}", f"model.init_from={tmp_path / 'none.safetensors'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tvlars_scale.train", "--config", "digits", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("config error: model.init_from: ") and "does not exist" in (
+        result.stderr
+    )
+    assert not run_dir.exists()
