@@ -38,7 +38,9 @@ from tvlars_scale.data import (
     Transform,
     load_image_data,
 )
+from tvlars_scale.data.policies import SampleAugment
 from tvlars_scale.data.streaming import open_prepared, prepare_streaming
+from tvlars_scale.init_from import load_initial_weights
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
 from tvlars_scale.tasks import Task
@@ -198,8 +200,10 @@ def loaders(
         )
     device, rank = accelerator.device, accelerator.process_index
     split = (plan.micro_batch_size, rank, plan.world_size)
+    data_config = data_config or DataConfig()
+    augment = None if data_config.augment == "none" else SampleAugment(data_config.augment)
     if isinstance(data, StreamingData):
-        return _streaming_loaders(data, plan, device, rank, seed, data_config or DataConfig())
+        return _streaming_loaders(data, plan, device, rank, seed, data_config, augment)
     # The decoded dataset lives on the training device: micro-batches are then gathered there,
     # with no host-to-device copy per step (a no-op on the CPU).
     train = MicroBatchLoader(
@@ -211,6 +215,7 @@ def loaders(
         drop_last=True,
         grad_accum_steps=plan.grad_accum_steps,
         global_batch_size=plan.global_batch_size,
+        sample_augment=augment,
     )
     evaluation = MicroBatchLoader(
         data.test_images.to(device),
@@ -229,6 +234,7 @@ def _streaming_loaders(
     rank: int,
     seed: int,
     cfg: DataConfig,
+    augment: SampleAugment | None,
 ) -> tuple[StreamingLoader, StreamingLoader]:
     workers = {
         "num_workers": cfg.num_workers,
@@ -239,7 +245,12 @@ def _streaming_loaders(
     # The augmentation seed is the run seed, NOT seed + rank: a sample's crop is a function of
     # (seed, epoch, index), the same whichever rank decodes it.
     train_transform = Transform(
-        data.image_size, train=True, seed=seed, crop_scale=tuple(cfg.crop_scale), flip=cfg.flip
+        data.image_size,
+        train=True,
+        seed=seed,
+        crop_scale=tuple(cfg.crop_scale),
+        flip=cfg.flip,
+        augment=augment,
     )
     eval_transform = Transform(data.image_size, train=False, eval_resize=cfg.eval_resize)
     split = (plan.micro_batch_size, rank, plan.world_size)
@@ -260,17 +271,25 @@ def _streaming_loaders(
     return train, evaluation
 
 
-def model(config: Config, task: Task, accelerator: Accelerator) -> nn.Module:
-    """The task's network, freshly initialised on the CPU (call after seeding)."""
+def model(
+    config: Config, task: Task, accelerator: Accelerator, *, resuming: bool = False
+) -> nn.Module:
+    """The task's network on the CPU, freshly initialised (call after seeding), then loaded from
+    ``model.init_from`` when set (:mod:`tvlars_scale.init_from`) unless ``resuming`` (the
+    checkpoint's weights replace it)."""
     cpu_ranks = accelerator.device.type == "cpu" and accelerator.num_processes > 1
     if config.model.sync_batchnorm and cpu_ranks:
         raise ConfigError(
             "model.sync_batchnorm", "PyTorch synchronises batch norm on GPUs only, not on CPU"
         )
     try:
-        return task.build_model()
+        network = task.build_model()
     except ModelError as error:
         raise ConfigError("model.name", str(error)) from None
+    if config.model.init_from is not None and not resuming:
+        for line in load_initial_weights(network, config.model.init_from):
+            accelerator.print(line)
+    return network
 
 
 def peak_lr(config: Config, plan: BatchPlan) -> float:

@@ -51,6 +51,7 @@ __all__ = [
     "ScheduleConfig",
     "TVLARSConfig",
     "TVLARSOfficialConfig",
+    "config_from_dict",
     "load_config",
     "reference_markdown",
     "resolve_config",
@@ -181,6 +182,26 @@ class DataConfig(_Section):
     """Streaming an image-folder tree: its index file (the listing of the tree, written once by
     rank 0 or ahead of the job by `tvlars-index ROOT --out FILE`, memory-mapped by every rank;
     rebuilt when the tree changed); null: ROOT/tvlars-index.arrow. Must be readable by every rank."""
+    augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Training augmentation per sample, torchvision.transforms.v2's RandAugment (2 ops, magnitude
+    9) or TrivialAugmentWide, drawn from the sample's own (seed, epoch, index) generator (so a
+    resume draws the same): streaming after the crop, in the decode workers; in memory as the
+    loader gathers the batch, before the on-device crop and flip (a CPU loop; small data)."""
+    mixup_alpha: float = Field(0.0, ge=0)
+    """Mixup (timm's semantics, per micro batch): the batch mixed with itself reversed by a weight
+    drawn from Beta(alpha, alpha), the targets alike (with task.label_smoothing folded in), a
+    soft-target cross-entropy; 0: off. timm's ImageNet recipes use 0.1-0.8."""
+    cutmix_alpha: float = Field(0.0, ge=0)
+    """CutMix (timm's semantics, per micro batch): a box of the reversed batch pasted in, its area
+    from Beta(alpha, alpha) (the weight corrected for clipping at the border); 0: off."""
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    """Probability that a micro batch is mixed at all (Mixup or CutMix), as timm's mixup_prob."""
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    """With both Mixup and CutMix on: probability of CutMix for a mixed micro batch."""
+
+    def mixes(self) -> bool:
+        """Whether Mixup or CutMix is on."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     def streams(self) -> bool:
         """Whether this dataset is read from disk while training (data.storage resolved)."""
@@ -212,6 +233,13 @@ class ModelConfig(_Section):
     channels_last: bool = False
     """NHWC (channels_last) weights and inputs: faster convolutions on tensor-core GPUs (and most
     CPUs); the results differ from NCHW by float rounding only."""
+    init_from: str | None = None
+    """Start from existing weights instead of a fresh init: a checkpoint (.../checkpoints/step-N, or
+    a run directory: its newest complete one), an export directory (tvlars-export; a Barlow Twins
+    export is its backbone) or a weights file (.safetensors / .pth / .bin, e.g. timm's pretrained
+    weights copied to an offline cluster). Every tensor of the model but the classifier must be in
+    it with its shape; a classifier it lacks or of another class count is freshly initialised (a
+    new head). What was and was not loaded is printed once. A resume loads its checkpoint instead."""
 
 
 class BatchConfig(_Section):
@@ -601,6 +629,19 @@ def _differs_from_default(section: _Section, key: str) -> bool:
 def _check_data(config: Config) -> None:
     """A streaming-only key with in-memory data, or the reverse, would be silently ignored."""
     data = config.data
+    if config.task.name != "classification":
+        # Barlow Twins draws its own two views; linear evaluation's classifier sees raw features.
+        for key in ("augment", "mixup_alpha", "cutmix_alpha"):
+            if _differs_from_default(data, key):
+                raise ConfigError(f"data.{key}", "is read by task classification only")
+        if config.model.init_from is not None:
+            raise ConfigError("model.init_from", "starts a classifier (task: classification)")
+    if not data.mixes():
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            if _differs_from_default(data, key):
+                raise ConfigError(
+                    f"data.{key}", "is read only with data.mixup_alpha or cutmix_alpha > 0"
+                )
     if data.streams():
         if data.name in ("digits", "synthetic"):
             raise ConfigError("data.storage", f"{data.name} has no files to stream; use memory")
@@ -688,6 +729,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), f"the top level must be a mapping, not {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from its dict form (a run's resolved config as an export's model.json holds it),
+    with ``key=value`` overrides applied in order; raise ConfigError."""
     _switch_variants(raw, overrides)
     for override in overrides:
         _apply_override(raw, override)

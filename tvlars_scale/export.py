@@ -230,7 +230,7 @@ def _reference_model(
     return model
 
 
-def _classifier_name(model: nn.Module) -> str | None:
+def classifier_name(model: nn.Module) -> str | None:
     get_classifier = getattr(model, "get_classifier", None)
     classifier = get_classifier() if get_classifier is not None else None
     if not isinstance(classifier, nn.Linear):
@@ -341,7 +341,7 @@ def _describe(
         weights = state
     try:
         model = _reference_model(config, info.num_classes, in_chans, image_size, headless)
-        classifier = None if headless else _classifier_name(model)
+        classifier = None if headless else classifier_name(model)
         saved = weights.get(f"{classifier}.weight") if classifier else None
         if saved is not None and saved.ndim == 2 and saved.shape[0] != info.num_classes:
             # A local data.path subset with fewer classes: the weights say how many.

@@ -86,7 +86,9 @@ class Trainer:
         set_seed(run.seed)  # the same initial model on every rank
         self.task = build_task(config, self.data, accelerator.process_index)
         with torch.device("meta") if dry_run else nullcontext():
-            model = build.model(config, self.task, accelerator)
+            model = build.model(
+                config, self.task, accelerator, resuming=self.resume_from is not None
+            )
         self.lr = build.peak_lr(config, self.plan)
         self.optimizer = build.optimizer(config.optim, model, self.lr, self.steps_per_epoch)
         self.lr_at = build.lr_schedule(

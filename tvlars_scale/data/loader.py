@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from tvlars_scale.batching import split_evenly
+from tvlars_scale.data.policies import SampleAugment
 
 # F.cross_entropy's default ignore_index: the padding samples of an evaluation pass (drop_last=False)
 # then drop out of the loss by themselves, and accuracy masks them with `labels != PAD_LABEL`.
@@ -200,7 +201,8 @@ class MicroBatchLoader(EpochShards):
 
     The sharding, padding and resume rules are :class:`EpochShards`'. The images may live on any
     device (put a small dataset on the GPU once to skip copies); the batches come out on that
-    device.
+    device. ``sample_augment`` (``data.augment``) transforms each sample as the batch is gathered,
+    seeded by (seed, epoch, sample index).
     """
 
     def __init__(
@@ -215,12 +217,14 @@ class MicroBatchLoader(EpochShards):
         drop_last: bool = True,
         grad_accum_steps: int = 1,
         global_batch_size: int | None = None,
+        sample_augment: SampleAugment | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if images.device != labels.device:
             raise ValueError(f"images on {images.device} but labels on {labels.device}")
         self.images, self.labels = images, labels
+        self.sample_augment = sample_augment
         super().__init__(
             len(labels),
             micro_batch_size,
@@ -243,7 +247,10 @@ class MicroBatchLoader(EpochShards):
             labels = self.labels[mine[batch]]
             if not self.drop_last:
                 labels = labels.masked_fill(mine_padding[batch], PAD_LABEL)
-            yield self.images[mine[batch]], labels
+            images = self.images[mine[batch]]
+            if self.sample_augment is not None:
+                images = self.sample_augment.batch(images, self.seed, self.epoch, mine[batch])
+            yield images, labels
 
 
 def _consumed_samples(state: dict) -> int:

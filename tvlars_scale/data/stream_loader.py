@@ -43,6 +43,7 @@ from tvlars_scale.data.decode import (
     random_resized_crop,
 )
 from tvlars_scale.data.loader import PAD_LABEL, EpochShards
+from tvlars_scale.data.policies import SampleAugment
 from tvlars_scale.data.types import DataError
 
 __all__ = ["BAD_IMAGE_POLICIES", "StreamingLoader", "Transform", "UnreadableImageError"]
@@ -86,8 +87,10 @@ class Transform:
         crop_scale: tuple[float, float] = (0.08, 1.0),
         flip: bool = True,
         eval_resize: int | None = None,
+        augment: SampleAugment | None = None,
     ) -> None:
         self.size, self.train, self.seed = size, train, seed
+        self.augment = augment  # data.augment, after the crop and flip (training)
         self.crop_scale, self.flip = tuple(crop_scale), flip
         # 224 -> 256, the usual ImageNet evaluation ratio of 0.875.
         self.eval_resize = eval_resize or round(size / 0.875)
@@ -102,7 +105,8 @@ class Transform:
         rng = np.random.default_rng([self.seed, epoch, int(index)])
         box = random_resized_crop(width, height, rng, self.crop_scale)
         flip = self.flip and rng.random() < 0.5
-        return decode_crop(data, box, self.size, flip=flip)
+        crop = decode_crop(data, box, self.size, flip=flip)
+        return crop if self.augment is None else self.augment(crop, rng)
 
 
 class UnreadableImageError(DataError):

@@ -1,14 +1,21 @@
-"""Supervised image classification: cross-entropy on augmented batches, top-1 test accuracy."""
+"""Supervised image classification: cross-entropy on augmented batches, top-1 test accuracy.
+
+With ``data.mixup_alpha`` / ``data.cutmix_alpha`` every training micro batch is mixed after the
+on-device augmentation (:class:`~tvlars_scale.data.mixing.BatchMix`) and the loss is timm's
+``SoftTargetCrossEntropy`` of the mixed, label-smoothed targets, as in timm's ``train.py``.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from tvlars_scale.config import Config
 from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
+from tvlars_scale.data.mixing import BatchMix
 from tvlars_scale.tasks.base import Task, build_configured_model
 
 __all__ = ["ClassificationTask"]
@@ -32,16 +39,37 @@ class ClassificationTask(Task):
             memory_format=layout,
         )
         self.eval_transform = BatchAugment(data.mean, data.std, train=False, memory_format=layout)
+        cfg = config.data
+        self.mix = None
+        if cfg.mixes():
+            self.mix = BatchMix(
+                data.num_classes,
+                mixup_alpha=cfg.mixup_alpha,
+                cutmix_alpha=cfg.cutmix_alpha,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                label_smoothing=config.task.label_smoothing,
+                seed=config.run.seed,
+                rank=rank,
+            )
+            self.soft_target_loss = SoftTargetCrossEntropy()
 
     def build_model(self) -> nn.Module:
         return build_configured_model(self.config, self.data)
 
     def training_loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
-        logits = model(self.train_augment(images))
+        images = self.train_augment(images)
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+            return self.soft_target_loss(model(images), targets)
+        logits = model(images)
         return F.cross_entropy(logits, labels, label_smoothing=self.config.task.label_smoothing)
 
     def eval_outputs(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        logits = model(self.eval_transform(images)).float()
+        return self.score(model(self.eval_transform(images)).float(), labels)
+
+    def score(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """:meth:`eval_outputs` from the float logits (tvlars-eval adds top-5 to them)."""
         # Padding samples carry PAD_LABEL, cross_entropy's ignore_index: their loss is 0.
         loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=PAD_LABEL)
         return {
@@ -51,10 +79,15 @@ class ClassificationTask(Task):
         }
 
     def state_dict(self) -> dict:
-        return {"train_augment": self.train_augment.state_dict()}
+        state = {"train_augment": self.train_augment.state_dict()}
+        if self.mix is not None:
+            state["mix"] = self.mix.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.train_augment.load_state_dict(state["train_augment"])
+        if self.mix is not None and "mix" in state:  # absent: resumed from a run without mixing
+            self.mix.load_state_dict(state["mix"])
 
     def eval_metrics(self, outputs: dict[str, Tensor]) -> dict[str, float]:
         valid = outputs["valid"]
