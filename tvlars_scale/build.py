@@ -40,7 +40,7 @@ from tvlars_scale.data import (
 )
 from tvlars_scale.data.policies import SampleAugment
 from tvlars_scale.data.streaming import open_prepared, prepare_streaming
-from tvlars_scale.init_from import load_initial_weights
+from tvlars_scale.training.init_from import load_initial_weights
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
 from tvlars_scale.tasks import Task
@@ -275,7 +275,7 @@ def model(
     config: Config, task: Task, accelerator: Accelerator, *, resuming: bool = False
 ) -> nn.Module:
     """The task's network on the CPU, freshly initialised (call after seeding), then loaded from
-    ``model.init_from`` when set (:mod:`tvlars_scale.init_from`) unless ``resuming`` (the
+    ``model.init_from`` when set (:mod:`tvlars_scale.training.init_from`) unless ``resuming`` (the
     checkpoint's weights replace it)."""
     cpu_ranks = accelerator.device.type == "cpu" and accelerator.num_processes > 1
     if config.model.sync_batchnorm and cpu_ranks:
