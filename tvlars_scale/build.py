@@ -40,10 +40,10 @@ from tvlars_scale.data import (
 )
 from tvlars_scale.data.policies import SampleAugment
 from tvlars_scale.data.streaming import open_prepared, prepare_streaming
-from tvlars_scale.training.init_from import load_initial_weights
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
 from tvlars_scale.tasks import Task
+from tvlars_scale.training.init_from import load_initial_weights
 
 __all__ = [
     "batch_plan",

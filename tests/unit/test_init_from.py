@@ -12,10 +12,10 @@ import torch
 from tvlars_scale.config import Config, ConfigError
 from tvlars_scale.data.types import ImageData
 from tvlars_scale.export import WEIGHTS_FILE, export_checkpoint
-from tvlars_scale.training.init_from import load_initial_weights
 from tvlars_scale.models import build_model
 from tvlars_scale.tasks import build_configured_model
 from tvlars_scale.tasks.barlow_twins import BarlowTwinsTask
+from tvlars_scale.training.init_from import load_initial_weights
 
 NUM_CLASSES = 10
 
