@@ -684,3 +684,15 @@ def test_a_restored_checkpoint_continues_every_random_stream(tmp_path, accelerat
     assert draws == expected_draws
     for name, p in params.items():
         assert torch.equal(p, expected_params[name]), name
+
+
+def test_a_key_added_after_the_checkpoint_is_no_change_at_its_default():
+    """A checkpoint written before a key existed resumes while the key holds its default (the
+    default keeps what the run did); set to anything else, it is a change like any other."""
+    older = _config()
+    del older["data"]["mixup_alpha"], older["data"]["augment"]
+    assert policy.config_changes(older, _config()) == []
+    mixed = _config(data__mixup_alpha=0.2)
+    assert policy.config_changes(older, mixed) == [("data.mixup_alpha", None, 0.2)]
+    older["data"]["augment"] = "randaugment"  # in the saved config: compared as always
+    assert ("data.augment", "randaugment", "none") in policy.config_changes(older, mixed)

@@ -32,7 +32,7 @@ from tvlars_scale.checkpoint.directory import (
     find_latest_complete,
     read_manifest,
 )
-from tvlars_scale.config import ConfigError
+from tvlars_scale.config import Config, ConfigError
 
 __all__ = [
     "CONFIG_FILE",
@@ -89,12 +89,18 @@ def _is_operational(key: str) -> bool:
 def config_changes(
     saved: Mapping[str, Any], current: Mapping[str, Any]
 ) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, current value)`` for every meaningful key that differs (absent: None)."""
+    """``(key, saved value, current value)`` for every meaningful key that differs (absent: None).
+
+    A key the saved config does not have (a checkpoint written before the key existed) is no change
+    while it holds its default: defaults keep what the run did before they were added."""
     old, new = _flatten(saved), _flatten(current)
+    defaults = _flatten(Config().model_dump(mode="json"))
     return [
         (key, old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())
-        if not _is_operational(key) and old.get(key) != new.get(key)
+        if not _is_operational(key)
+        and old.get(key) != new.get(key)
+        and not (key not in old and key in defaults and new.get(key) == defaults[key])
     ]
 
 
