@@ -38,6 +38,8 @@ from tvlars_scale.data import (
     Transform,
     load_image_data,
 )
+from tvlars_scale.data.ssl_decode import TwoViewTransform
+from tvlars_scale.data.ssl_views import barlow_twins_recipe
 from tvlars_scale.data.streaming import open_prepared, prepare_streaming
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
@@ -184,11 +186,13 @@ def loaders(
     accelerator: Accelerator,
     seed: int,
     data_config: DataConfig | None = None,
+    task: str = "classification",
 ) -> tuple[MicroBatchLoader | StreamingLoader, MicroBatchLoader | StreamingLoader]:
     """This rank's shuffled training micro-batches (whole steps only) and its evaluation shard.
 
     Streaming data (``data_config`` then sets the workers, crops and bad-image policy) is read
-    from disk by worker processes; in-memory data is gathered from tensors.
+    from disk by worker processes, two views per sample for ``task`` barlow_twins; in-memory
+    data is gathered from tensors.
     """
     if len(data.train_labels) < plan.global_batch_size:
         raise ConfigError(
@@ -199,7 +203,8 @@ def loaders(
     device, rank = accelerator.device, accelerator.process_index
     split = (plan.micro_batch_size, rank, plan.world_size)
     if isinstance(data, StreamingData):
-        return _streaming_loaders(data, plan, device, rank, seed, data_config or DataConfig())
+        cfg = data_config or DataConfig()
+        return _streaming_loaders(data, plan, device, rank, seed, cfg, task)
     # The decoded dataset lives on the training device: micro-batches are then gathered there,
     # with no host-to-device copy per step (a no-op on the CPU).
     train = MicroBatchLoader(
@@ -229,6 +234,7 @@ def _streaming_loaders(
     rank: int,
     seed: int,
     cfg: DataConfig,
+    task: str,
 ) -> tuple[StreamingLoader, StreamingLoader]:
     workers = {
         "num_workers": cfg.num_workers,
@@ -241,6 +247,11 @@ def _streaming_loaders(
     train_transform = Transform(
         data.image_size, train=True, seed=seed, crop_scale=tuple(cfg.crop_scale), flip=cfg.flip
     )
+    if task == "barlow_twins":
+        recipe = barlow_twins_recipe(
+            data.image_size, data.mean, data.std, flip=cfg.flip, crop_scale=cfg.crop_scale
+        )
+        train_transform = TwoViewTransform(recipe, seed=seed)
     eval_transform = Transform(data.image_size, train=False, eval_resize=cfg.eval_resize)
     split = (plan.micro_batch_size, rank, plan.world_size)
     train = StreamingLoader(

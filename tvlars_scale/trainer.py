@@ -69,7 +69,7 @@ class Trainer:
         accelerator.gradient_accumulation_steps = self.plan.grad_accum_steps
         self.data = build.image_data(config, accelerator)
         self.train_loader, self.eval_loader = build.loaders(
-            self.data, self.plan, accelerator, run.seed, config.data
+            self.data, self.plan, accelerator, run.seed, config.data, config.task.name
         )
         self.steps_per_epoch = len(self.train_loader) // self.plan.grad_accum_steps
         self.total_steps = self.steps_per_epoch * run.num_epochs
