@@ -5,6 +5,7 @@ torchvision's per-image ops would."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from PIL import Image
 from test_streaming import make_tree, smooth_image
 from torchvision.transforms.v2 import functional as TF
 
-from tvlars_scale.data import StreamingLoader, open_streaming
+from tvlars_scale.config import load_config
+from tvlars_scale.data import StreamingData, StreamingLoader, Transform, open_streaming
 from tvlars_scale.data import decode as decode_module
 from tvlars_scale.data.decode import decode_crop, decode_crops, random_resized_crop
 from tvlars_scale.data.ssl_decode import TwoViewTransform
@@ -25,6 +27,7 @@ from tvlars_scale.data.ssl_views import (
     barlow_twins_recipe,
     draw_photometric,
 )
+from tvlars_scale.tasks.barlow_twins import BarlowTwinsTask
 
 SIDE, SEED = 16, 7
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -153,3 +156,24 @@ def test_device_side_applies_the_parameters_as_torchvision_per_image():
                 want = TF.solarize(want, cfg.solarize_threshold)
             want = TF.normalize(want, list(MEAN), list(STD))
             torch.testing.assert_close(view[i], want, atol=2e-4, rtol=0)
+
+
+def test_streamed_evaluation_features_follow_the_split_and_leave_no_worker_behind(source):
+    config = load_config(
+        "configs/digits.yaml",
+        ["data.name=imagenet", "data.crop_padding=4", "data.num_workers=2", "task.name=barlow_twins",
+         "task.projector_dims=[8]", "batch.micro_batch_size=3"],
+    )  # fmt: skip
+    data = StreamingData(source, source, 5, SIDE, "imagenet")
+    task = BarlowTwinsTask(config, data, rank=0)
+    model = task.build_model().eval()
+    before = multiprocessing.active_children()
+    with torch.no_grad():
+        features, labels = task._training_split_features(model, torch.device("cpu"))
+        assert features.shape == (len(source), model.backbone.num_features)
+        assert torch.equal(labels, torch.from_numpy(source.labels))  # the split's order
+        centre = Transform(SIDE, train=False)
+        for index in (0, len(source) - 1):
+            image = centre(source.read(index), 0, index).unsqueeze(0)
+            torch.testing.assert_close(features[index], model(task.eval_transform(image))[0])
+    assert multiprocessing.active_children() == before  # the workers stopped with the loader

@@ -282,7 +282,6 @@ class BarlowTwinsTask(Task):
         self.augment = TwoViewAugment(recipe, seed=config.run.seed + rank)
         self.eval_transform = BatchAugment(data.mean, data.std, train=False)
         self._train_features: tuple[Tensor, Tensor] | None = None  # per evaluation
-        self._train_split: StreamingLoader | None = None  # streamed: built at the first evaluation
 
     def build_model(self) -> nn.Module:
         model = self.config.model
@@ -373,30 +372,28 @@ class BarlowTwinsTask(Task):
         return local, labels.to(device)
 
     def _streamed_training_split_features(self, model: nn.Module, device: torch.device):
-        """The training split read like the evaluation split (centre crops, no augmentation) by
-        a loader of its own, whose workers are kept for the next evaluations: each rank its
-        shard, padded to equal micro batches (ZeRO-3 gathers parameters in every forward), the
-        shards gathered back into the split's order. A full read of the split per evaluation."""
+        """The training split read like the evaluation split (centre crops, no augmentation):
+        each rank its shard, padded to equal micro batches (ZeRO-3 gathers parameters in every
+        forward), the shards gathered back into the split's order. A full read of the split per
+        evaluation, by a loader made for it and dropped at its end: its workers stop with it
+        (they ignore SIGTERM, so workers still alive at exit would hang the process in
+        multiprocessing's join)."""
         world_size = dist.get_world_size() if _distributed(None) else 1
         rank = dist.get_rank() if world_size > 1 else 0
-        if self._train_split is None:
-            data = self.config.data
-            transform = Transform(self.data.image_size, train=False, eval_resize=data.eval_resize)
-            self._train_split = StreamingLoader(
-                self.data.train,
-                transform,
-                self.config.batch.micro_batch_size,
-                rank,
-                world_size,
-                shuffle=False,
-                drop_last=False,
-                num_workers=data.num_workers,
-                prefetch_factor=data.prefetch_factor,
-                bad_images=data.bad_images,
-                device=device,
-            )
-        loader = self._train_split
-        loader.start_at(0)
+        data = self.config.data
+        loader = StreamingLoader(
+            self.data.train,
+            Transform(self.data.image_size, train=False, eval_resize=data.eval_resize),
+            self.config.batch.micro_batch_size,
+            rank,
+            world_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            bad_images=data.bad_images,
+            device=device,
+        )
         features, labels = [], []
         for images, batch_labels in loader:
             features.append(model(self.eval_transform(images)).float())
