@@ -15,6 +15,10 @@ Differences from torchvision's PIL pipeline, on purpose:
 - bilinear crops without antialiasing (the crops are up-sampled at 32 and 64 px, so it matters
   little).
 
+Streamed data (:mod:`tvlars_scale.data.ssl_decode`): the decode workers cut the crops and draw
+every view's photometric parameters (:func:`draw_photometric`); :class:`TwoViewAugment` then applies
+them with the same :func:`photometric` as the in-memory views, which draw theirs here.
+
 Sizes: :func:`recipe_for_image_size` picks the blur kernel as ~10% of the side (23 px at 224 in
 the paper recipe: 7 px at 64) and switches blur off at 32 px and below, as CIFAR Barlow Twins
 recipes do (a 3 px kernel with sigma up to 2 only smears 32 px images); very small images (the
