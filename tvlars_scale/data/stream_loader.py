@@ -274,6 +274,12 @@ class StreamingLoader(EpochShards):
         super().load_state_dict(state)
         self.skipped_images = state.get("skipped_images", 0)
 
+    def close(self) -> None:
+        """Stop the decode workers now (a later pass forks new ones). They ignore SIGTERM
+        (:func:`_fixed_mmap_threshold`), so workers alive when the process exits hang it in
+        multiprocessing's join; dropping the DataLoader shuts them down through their queues."""
+        self._loader = None
+
     def _host_batches(
         self,
     ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str], str | None]]:
