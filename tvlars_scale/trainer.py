@@ -350,8 +350,7 @@ class Trainer:
         """Flush trackers and leave the process group (safe to call after a failed setup)."""
         self.preemption.uninstall()
         for loader in (getattr(self, "train_loader", None), getattr(self, "eval_loader", None)):
-            if hasattr(loader, "close"):  # streaming: its decode workers, which ignore SIGTERM
-                loader.close()
+            getattr(loader, "close", lambda: None)()  # streaming: workers that ignore SIGTERM
         if hasattr(self, "run_dir"):
             self.run_dir.unlock()
         accelerator = getattr(self, "accelerator", None)
