@@ -39,6 +39,8 @@ from tvlars_scale.data import (
     load_image_data,
 )
 from tvlars_scale.data.policies import SampleAugment
+from tvlars_scale.data.ssl_decode import TwoViewTransform
+from tvlars_scale.data.ssl_views import barlow_twins_recipe
 from tvlars_scale.data.streaming import open_prepared, prepare_streaming
 from tvlars_scale.models import ModelError
 from tvlars_scale.optim import OPTIMIZERS, layerwise_param_groups, schedules
@@ -186,11 +188,13 @@ def loaders(
     accelerator: Accelerator,
     seed: int,
     data_config: DataConfig | None = None,
+    task: str = "classification",
 ) -> tuple[MicroBatchLoader | StreamingLoader, MicroBatchLoader | StreamingLoader]:
     """This rank's shuffled training micro-batches (whole steps only) and its evaluation shard.
 
     Streaming data (``data_config`` then sets the workers, crops and bad-image policy) is read
-    from disk by worker processes; in-memory data is gathered from tensors.
+    from disk by worker processes, two views per sample for ``task`` barlow_twins; in-memory
+    data is gathered from tensors.
     """
     if len(data.train_labels) < plan.global_batch_size:
         raise ConfigError(
@@ -203,7 +207,7 @@ def loaders(
     data_config = data_config or DataConfig()
     augment = None if data_config.augment == "none" else SampleAugment(data_config.augment)
     if isinstance(data, StreamingData):
-        return _streaming_loaders(data, plan, device, rank, seed, data_config, augment)
+        return _streaming_loaders(data, plan, device, rank, seed, data_config, augment, task)
     # The decoded dataset lives on the training device: micro-batches are then gathered there,
     # with no host-to-device copy per step (a no-op on the CPU).
     train = MicroBatchLoader(
@@ -235,6 +239,7 @@ def _streaming_loaders(
     seed: int,
     cfg: DataConfig,
     augment: SampleAugment | None,
+    task: str,
 ) -> tuple[StreamingLoader, StreamingLoader]:
     workers = {
         "num_workers": cfg.num_workers,
@@ -252,6 +257,11 @@ def _streaming_loaders(
         flip=cfg.flip,
         augment=augment,
     )
+    if task == "barlow_twins":
+        recipe = barlow_twins_recipe(
+            data.image_size, data.mean, data.std, flip=cfg.flip, crop_scale=cfg.crop_scale
+        )
+        train_transform = TwoViewTransform(recipe, seed=seed)
     eval_transform = Transform(data.image_size, train=False, eval_resize=cfg.eval_resize)
     split = (plan.micro_batch_size, rank, plan.world_size)
     train = StreamingLoader(

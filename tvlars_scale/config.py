@@ -649,10 +649,6 @@ def _check_data(config: Config) -> None:
             raise ConfigError(
                 "data.crop_padding", "in-memory augmentation; streaming uses data.crop_scale"
             )
-        if config.task.name != "classification":
-            raise ConfigError(
-                "data.storage", f"task {config.task.name} needs in-memory data (storage: memory)"
-            )
         low, high = data.crop_scale
         if not 0 < low <= high <= 1:
             raise ConfigError(

@@ -69,7 +69,7 @@ class Trainer:
         accelerator.gradient_accumulation_steps = self.plan.grad_accum_steps
         self.data = build.image_data(config, accelerator)
         self.train_loader, self.eval_loader = build.loaders(
-            self.data, self.plan, accelerator, run.seed, config.data
+            self.data, self.plan, accelerator, run.seed, config.data, config.task.name
         )
         self.steps_per_epoch = len(self.train_loader) // self.plan.grad_accum_steps
         self.total_steps = self.steps_per_epoch * run.num_epochs
@@ -351,6 +351,8 @@ class Trainer:
     def close(self) -> None:
         """Flush trackers and leave the process group (safe to call after a failed setup)."""
         self.preemption.uninstall()
+        for loader in (getattr(self, "train_loader", None), getattr(self, "eval_loader", None)):
+            getattr(loader, "close", lambda: None)()  # streaming: workers that ignore SIGTERM
         if hasattr(self, "run_dir"):
             self.run_dir.unlock()
         accelerator = getattr(self, "accelerator", None)

@@ -4,6 +4,7 @@ real-world image formats, the bad-image policy, config errors and the ImageNet r
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tvlars_scale.batching import plan_batches
 from tvlars_scale.config import ConfigError, load_config
 from tvlars_scale.data import DataError, StreamingLoader, Transform, open_streaming
 from tvlars_scale.data.decode import decode_crop
+from tvlars_scale.data.ssl_decode import TwoViewTransform
+from tvlars_scale.data.streaming import StreamingData
 from tvlars_scale.optim import schedules
 from tvlars_scale.tasks import build_task
 from tvlars_scale.train import main as train_main
@@ -373,3 +376,30 @@ def test_imagenet_recipes_build_everything_short_of_reading_data(name):
     assert type(optimizer).__name__.lower().startswith(name)
     lr_at = build.lr_schedule(config.schedule, config.optim.lr, steps_per_epoch, 40 * 39)
     assert lr_at(0) <= config.optim.lr
+
+
+def test_imagenet_barlow_twins_recipe_builds_everything_short_of_reading_data():
+    config = load_config(REPO / "configs" / "imagenet_resnet50_barlow_twins.yaml")
+    assert config.data.streams() and config.batch.global_batch_size == 32768
+    assert config.task.exact_accumulation and config.checkpoint.resume == "auto"
+    plan = plan_batches(32768, config.batch.micro_batch_size, 16 * 8)  # the comment's 16 x 8 GPUs
+    assert plan.grad_accum_steps == 2 and plan.even
+    data = StreamingData(LabelsOnly(), LabelsOnly(), 1000, 224, "imagenet")
+    train, _ = build._streaming_loaders(
+        data, plan, "cpu", 5, config.run.seed, config.data, None, "barlow_twins"
+    )
+    assert isinstance(train.transform, TwoViewTransform)
+    recipe = train.transform.cfg  # the paper's 23 px blur at 224, the config's crops and flips
+    assert (recipe.blur_kernel_size, recipe.crop_scale, recipe.flip_prob) == (23, (0.08, 1.0), 0.5)
+    steps_per_epoch = len(train) // plan.grad_accum_steps
+    assert steps_per_epoch == IMAGENET_TRAIN // 32768
+    task = build_task(config, data, rank=0)
+    assert task.augment.cfg.blur_kernel_size == 23
+    with torch.device("meta"):
+        model = task.build_model()
+    widths = [2048, *config.task.projector_dims]
+    projector = sum(a * b for a, b in itertools.pairwise(widths)) + 2 * sum(widths[1:-1])
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032 - 2_049_000 + projector
+    optimizer = build.optimizer(config.optim, model, build.peak_lr(config, plan), steps_per_epoch)
+    assert type(optimizer).__name__ == "TVLARS" and optimizer.defaults["lmbda"] == 1e-5
+    assert build.lr_schedule(config.schedule, 19.0, steps_per_epoch, 39_000)(20_000) == 19.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "Box",
     "center_crop_box",
     "decode_crop",
+    "decode_crops",
     "image_size",
     "random_resized_crop",
 ]
@@ -137,11 +139,25 @@ def decode_crop(data: bytes, box: Box, size: int, flip: bool = False) -> torch.T
 
     Returns ``uint8 [3, size, size]`` (contiguous). Raises :class:`BadImageError`.
     """
+    return decode_crops(data, [(box, flip)], size)[0]
+
+
+def decode_crops(data: bytes, crops: Sequence[tuple[Box, bool]], size: int) -> list[torch.Tensor]:
+    """:func:`decode_crop` for several ``(box, flip)`` of one image (Barlow Twins' two views),
+    decoded ONCE, at the DCT scale that keeps the smallest box >= ``size`` pixels."""
     width, height = image_size(data)
-    left, top, w, h = box
-    # Smallest decoded size that keeps the box >= size pixels on both sides.
-    factor = size / min(w, h)
+    # Smallest decoded size that keeps every box >= size pixels on both sides.
+    factor = size / min(min(w, h) for (_, _, w, h), _ in crops)
     pixels = _decode_rgb(data, (math.ceil(width * factor), math.ceil(height * factor)))
+    return [_crop_resize(pixels, (width, height), box, size, flip) for box, flip in crops]
+
+
+def _crop_resize(
+    pixels: np.ndarray, full_size: tuple[int, int], box: Box, size: int, flip: bool
+) -> torch.Tensor:
+    """``box`` (full-size pixels) of the decoded ``pixels``, resized to ``size``, mirrored."""
+    width, height = full_size
+    left, top, w, h = box
     scale_y, scale_x = pixels.shape[0] / height, pixels.shape[1] / width
     x0, y0 = math.floor(left * scale_x), math.floor(top * scale_y)
     x1 = max(x0 + 1, min(pixels.shape[1], math.ceil((left + w) * scale_x)))

@@ -15,6 +15,10 @@ Differences from torchvision's PIL pipeline, on purpose:
 - bilinear crops without antialiasing (the crops are up-sampled at 32 and 64 px, so it matters
   little).
 
+Streamed data (:mod:`tvlars_scale.data.ssl_decode`): the decode workers cut the crops and draw
+every view's photometric parameters (:func:`draw_photometric`); :class:`TwoViewAugment` then applies
+them with the same :func:`photometric` as the in-memory views, which draw theirs here.
+
 Sizes: :func:`recipe_for_image_size` picks the blur kernel as ~10% of the side (23 px at 224 in
 the paper recipe: 7 px at 64) and switches blur off at 32 px and below, as CIFAR Barlow Twins
 recipes do (a 3 px kernel with sigma up to 2 only smears 32 px images); very small images (the
@@ -23,9 +27,12 @@ recipes do (a 3 px kernel with sigma up to 2 only smears 32 px images); very sma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,6 +85,24 @@ def recipe_for_image_size(
     return SSLAugmentConfig(
         size=size, mean=mean, std=std, crop_scale=(min_scale, 1.0), blur_kernel_size=blur_kernel
     )
+
+
+def barlow_twins_recipe(
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    flip: bool = True,
+    crop_scale: tuple[float, float] | None = None,
+) -> SSLAugmentConfig:
+    """:func:`recipe_for_image_size`, without flips when ``flip`` is false (digits, which
+    mirroring turns into other shapes), and with streaming's ``data.crop_scale`` when given."""
+    recipe = recipe_for_image_size(size, mean, std)
+    if not flip:
+        recipe = dataclasses.replace(recipe, flip_prob=0.0)
+    if crop_scale is not None:
+        recipe = dataclasses.replace(recipe, crop_scale=tuple(crop_scale))
+    return recipe
 
 
 def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -182,11 +207,78 @@ def _where_per_sample(chosen: Tensor, changed: Tensor, images: Tensor) -> Tensor
     return torch.where(_per_sample(chosen), changed, images)
 
 
+PHOTOMETRIC_PARAMS = (
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "grayscale",
+    "blur_sigma",
+    "blur",
+    "solarize",
+)
+"""A view's per-sample parameters after its crop: the columns of a float ``[N, 8]`` tensor
+(jitter factors already the identity where the sample is not jittered; the coins 0 or 1)."""
+
+
+class DecodedViews(NamedTuple):
+    """Two views cut in the streaming loader's workers, their photometric part still to apply.
+
+    ``crops``: ``uint8 [N, 2, C, S, S]``, each view's random-resized crop (and flip);
+    ``params``: ``float32 [N, 2, 8]``, each view's :data:`PHOTOMETRIC_PARAMS`. One sample is the
+    same without the first dimension. A named tuple: the DataLoader pins it as one.
+    """
+
+    crops: Tensor
+    params: Tensor
+
+
+def draw_photometric(
+    rng: np.random.Generator, cfg: SSLAugmentConfig, recipe: ViewRecipe
+) -> np.ndarray:
+    """One sample's :data:`PHOTOMETRIC_PARAMS` for one view, from a numpy generator (the decode
+    workers' per-sample draw; the same distributions as :meth:`TwoViewAugment.view`'s)."""
+    jitter = rng.random() < cfg.jitter_prob
+
+    def factor(strength: float) -> float:
+        value = rng.uniform(max(0.0, 1 - strength), 1 + strength)
+        return value if jitter else 1.0
+
+    brightness, contrast, saturation = map(factor, (cfg.brightness, cfg.contrast, cfg.saturation))
+    hue = rng.uniform(-cfg.hue, cfg.hue)
+    grayscale = rng.random() < cfg.grayscale_prob
+    blur_sigma = rng.uniform(*cfg.blur_sigma)
+    blur = rng.random() < recipe.blur_prob
+    solarize = rng.random() < recipe.solarize_prob
+    values = (brightness, contrast, saturation, hue if jitter else 0.0, grayscale, blur_sigma)
+    return np.array([*values, blur, solarize], dtype=np.float32)
+
+
+def photometric(crops: Tensor, params: Tensor, cfg: SSLAugmentConfig, recipe: ViewRecipe) -> Tensor:
+    """Colour jitter, grayscale, blur and solarization of cropped 0..1 images with one
+    :data:`PHOTOMETRIC_PARAMS` row per sample (``params [N, 8]``), then the normalisation."""
+    brightness, contrast, saturation, hue, grayscale, blur_sigma, blur, solarize = params.unbind(1)
+    out = color_jitter(crops, brightness, contrast, saturation, hue)
+    if out.shape[1] == 3:
+        out = _where_per_sample(grayscale > 0, _grayscale(out).expand_as(out), out)
+    if cfg.blur_kernel_size and recipe.blur_prob:
+        blurred = gaussian_blur(out, blur_sigma, cfg.blur_kernel_size)
+        out = _where_per_sample(blur > 0, blurred, out)
+    if recipe.solarize_prob:
+        solarized = torch.where(out >= cfg.solarize_threshold, 1.0 - out, out)
+        out = _where_per_sample(solarize > 0, solarized, out)
+    mean = out.new_tensor(cfg.mean).view(1, -1, 1, 1)
+    std = out.new_tensor(cfg.std).view(1, -1, 1, 1)
+    return (out - mean) / std
+
+
 class TwoViewAugment:
     """``uint8 (or 0..1 float) [N, C, H, W] -> (view1, view2)``: normalised floats, same device.
 
     Random parameters come from a CPU generator seeded with ``seed`` (give each rank its own);
     :meth:`state_dict` lets a resumed run draw what the uninterrupted one would have.
+    :class:`DecodedViews` (streamed data) carry their crops and parameters: only the photometric
+    part runs here, and the generator is not used.
     """
 
     def __init__(self, cfg: SSLAugmentConfig, seed: int = 0):
@@ -214,24 +306,27 @@ class TwoViewAugment:
         def factor(strength: float) -> Tensor:
             return torch.where(jitter, uniform(max(0.0, 1 - strength), 1 + strength), 1.0)
 
+        # Drawn in this order (the generator's stream); what a recipe switches off is not drawn.
         brightness, contrast, saturation = map(
             factor, (cfg.brightness, cfg.contrast, cfg.saturation)
         )
         hue = torch.where(jitter, uniform(-cfg.hue, cfg.hue), 0.0)
-        out = color_jitter(out, brightness, contrast, saturation, hue)
-        if out.shape[1] == 3:
-            out = _where_per_sample(coin(cfg.grayscale_prob), _grayscale(out).expand_as(out), out)
+        off = torch.zeros_like(hue)
+        grayscale = coin(cfg.grayscale_prob) if out.shape[1] == 3 else off
+        blur_sigma, blur = off, off
         if cfg.blur_kernel_size and recipe.blur_prob:
-            blurred = gaussian_blur(out, uniform(*cfg.blur_sigma), cfg.blur_kernel_size)
-            out = _where_per_sample(coin(recipe.blur_prob), blurred, out)
-        if recipe.solarize_prob:
-            solarized = torch.where(out >= cfg.solarize_threshold, 1.0 - out, out)
-            out = _where_per_sample(coin(recipe.solarize_prob), solarized, out)
-        mean = out.new_tensor(cfg.mean).view(1, -1, 1, 1)
-        std = out.new_tensor(cfg.std).view(1, -1, 1, 1)
-        return (out - mean) / std
+            blur_sigma, blur = uniform(*cfg.blur_sigma), coin(recipe.blur_prob)
+        solarize = coin(recipe.solarize_prob) if recipe.solarize_prob else off
+        params = [brightness, contrast, saturation, hue, grayscale, blur_sigma, blur, solarize]
+        return photometric(out, torch.stack([p.to(hue.dtype) for p in params], 1), cfg, recipe)
 
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor | DecodedViews) -> tuple[Tensor, Tensor]:
+        if isinstance(images, DecodedViews):
+            crops = images.crops.float().div_(255)
+            return tuple(
+                photometric(crops[:, k], images.params[:, k], self.cfg, recipe)
+                for k, recipe in enumerate(self.cfg.views)
+            )
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
         first, second = self.cfg.views

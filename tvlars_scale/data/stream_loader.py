@@ -44,6 +44,7 @@ from tvlars_scale.data.decode import (
 )
 from tvlars_scale.data.loader import PAD_LABEL, EpochShards
 from tvlars_scale.data.policies import SampleAugment
+from tvlars_scale.data.ssl_decode import TwoViewTransform
 from tvlars_scale.data.types import DataError
 
 __all__ = ["BAD_IMAGE_POLICIES", "StreamingLoader", "Transform", "UnreadableImageError"]
@@ -95,6 +96,10 @@ class Transform:
         # 224 -> 256, the usual ImageNet evaluation ratio of 0.875.
         self.eval_resize = eval_resize or round(size / 0.875)
 
+    def empty_batch(self, size: int) -> torch.Tensor:
+        """A micro batch of ``size`` samples to decode into."""
+        return torch.empty((size, 3, self.size, self.size), dtype=torch.uint8)
+
     def __call__(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
         width, height = image_size(data)
         if not self.train:
@@ -113,6 +118,32 @@ class UnreadableImageError(DataError):
     """An image could not be read under ``bad_images="error"``: the run stops (exit 4)."""
 
 
+Sample = torch.Tensor | tuple[torch.Tensor, ...]
+"""What a transform makes of one sample: a ``uint8`` image, or a named tuple of tensors (the two
+views of Barlow Twins, :class:`~tvlars_scale.data.ssl_views.DecodedViews`); a micro batch is the
+same with a first dimension."""
+
+
+def _put(batch: Sample, slot: int, sample: Sample) -> None:
+    if isinstance(batch, torch.Tensor):
+        batch[slot] = sample
+        return
+    for part, value in zip(batch, sample, strict=True):
+        _put(part, slot, value)
+
+
+def _to(batch: Sample, device: torch.device, non_blocking: bool = False) -> Sample:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    return type(batch)(*(_to(part, device, non_blocking) for part in batch))
+
+
+def _tensors(batch: Sample) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    return [tensor for part in batch for tensor in _tensors(part)]
+
+
 class _MicroBatches(Dataset):
     """Item ``(epoch, row, padding)``: one micro batch of this rank, decoded (runs in a worker).
 
@@ -125,19 +156,19 @@ class _MicroBatches(Dataset):
 
     def __getitem__(
         self, item: tuple[int, np.ndarray, np.ndarray | None]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str], str | None]:
+    ) -> tuple[Sample | None, torch.Tensor | None, list[str], str | None]:
         """``(images, labels, skipped, None)``, or ``(None, None, skipped, error)`` when an image
         is unreadable under ``bad_images="error"``: the error crosses the process boundary as a
         value, so the training process raises it as one line (the DataLoader would re-raise a
         worker's exception with both tracebacks in its message)."""
         epoch, row, padding = item
-        size = self.transform.size
-        images = torch.empty((len(row), 3, size, size), dtype=torch.uint8)
+        images = self.transform.empty_batch(len(row))
         labels = torch.empty(len(row), dtype=torch.int64)
         skipped: list[str] = []
         try:
             for slot, index in enumerate(row):
-                used = self._sample(epoch, int(index), images, slot, skipped)
+                used, sample = self._sample(epoch, int(index), skipped)
+                _put(images, slot, sample)
                 labels[slot] = int(self.source.labels[used])
         except UnreadableImageError as error:
             return None, None, skipped, str(error)
@@ -145,15 +176,12 @@ class _MicroBatches(Dataset):
             labels.masked_fill_(torch.from_numpy(padding), PAD_LABEL)
         return images, labels, skipped, None
 
-    def _sample(
-        self, epoch: int, index: int, images: torch.Tensor, slot: int, skipped: list[str]
-    ) -> int:
-        """Decode ``index`` into ``images[slot]``, or its replacement; returns the index used."""
+    def _sample(self, epoch: int, index: int, skipped: list[str]) -> tuple[int, Sample]:
+        """Decode ``index``, or its replacement; returns the index used and its sample."""
         for attempt in range(MAX_REPLACEMENT_TRIES):
             candidate = (index + attempt) % len(self.source)
             try:
-                images[slot] = self.transform(self.source.read(candidate), epoch, candidate)
-                return candidate
+                return candidate, self.transform(self.source.read(candidate), epoch, candidate)
             except (BadImageError, OSError) as error:
                 where = self.source.describe(candidate)
                 if self.bad_images == "error":
@@ -199,14 +227,16 @@ class _RemainingMicroBatches:
 class StreamingLoader(EpochShards):
     """This rank's micro batches of ``source``, decoded by ``num_workers`` worker processes.
 
-    Yields ``(uint8 [micro, 3, S, S], int64 [micro])`` on ``device``; on CUDA the batches are
-    pinned and copied on a side stream one batch ahead, so the copy overlaps the step.
+    Yields ``(uint8 [micro, 3, S, S], int64 [micro])`` on ``device`` (with a
+    :class:`~tvlars_scale.data.ssl_decode.TwoViewTransform`: ``DecodedViews`` of ``micro`` samples
+    in place of the images); on CUDA the batches are pinned and copied on a side stream one batch
+    ahead, so the copy overlaps the step.
     """
 
     def __init__(
         self,
         source,
-        transform: Transform,
+        transform: Transform | TwoViewTransform,
         micro_batch_size: int,
         rank: int,
         world_size: int,
@@ -247,6 +277,12 @@ class StreamingLoader(EpochShards):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.skipped_images = state.get("skipped_images", 0)
+
+    def close(self) -> None:
+        """Stop the decode workers now (a later pass forks new ones). They ignore SIGTERM
+        (:func:`_fixed_mmap_threshold`), so workers alive when the process exits hang it in
+        multiprocessing's join; dropping the DataLoader shuts them down through their queues."""
+        self._loader = None
 
     def _host_batches(
         self,
@@ -293,14 +329,14 @@ class StreamingLoader(EpochShards):
     def _on_device(self, batches: Iterator) -> Iterator:
         if self.device.type != "cuda":
             for images, labels, skipped in batches:
-                yield images.to(self.device), labels.to(self.device), skipped
+                yield _to(images, self.device), labels.to(self.device), skipped
             return
         copy_stream = torch.cuda.Stream(self.device)
         pending = None
         for images, labels, skipped in batches:
             with torch.cuda.stream(copy_stream):
                 ready = (
-                    images.to(self.device, non_blocking=True),
+                    _to(images, self.device, non_blocking=True),
                     labels.to(self.device, non_blocking=True),
                     skipped,
                 )
@@ -308,7 +344,7 @@ class StreamingLoader(EpochShards):
                 yield pending  # the step on `pending` is queued while `ready` copies
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(copy_stream)
-            for tensor in ready[:2]:
+            for tensor in _tensors(ready[:2]):
                 tensor.record_stream(current)  # freed only after the step that reads it
             pending = ready
         if pending is not None:

@@ -64,7 +64,6 @@ recompute.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -75,7 +74,9 @@ from torch import Tensor, nn
 from tvlars_scale.config import Config
 from tvlars_scale.data import BatchAugment, ImageData
 from tvlars_scale.data.loader import PAD_LABEL
-from tvlars_scale.data.ssl_views import TwoViewAugment, recipe_for_image_size
+from tvlars_scale.data.ssl_views import TwoViewAugment, barlow_twins_recipe
+from tvlars_scale.data.stream_loader import StreamingLoader, Transform
+from tvlars_scale.data.streaming import StreamingData
 from tvlars_scale.models import init_kaiming_uniform
 from tvlars_scale.tasks.base import Accumulation, MicroBatch, Task, build_configured_model
 from tvlars_scale.tasks.linear_eval import LinearEvalSettings, extract_features, linear_evaluation
@@ -273,11 +274,11 @@ class BarlowTwinsTask(Task):
     # micro batches that differ by one sample between ranks need no weighting.
     loss_is_sample_mean = False
 
-    def __init__(self, config: Config, data: ImageData, rank: int):
+    def __init__(self, config: Config, data: ImageData | StreamingData, rank: int):
         self.config, self.data, self.settings = config, data, config.task
-        recipe = recipe_for_image_size(data.image_size, data.mean, data.std)
-        if not config.data.flip:  # e.g. digits, which mirroring turns into other shapes
-            recipe = dataclasses.replace(recipe, flip_prob=0.0)
+        # Streamed data arrives as DecodedViews (cropped in the loader's workers, with each view's
+        # photometric parameters): the device applies the rest of the same recipe.
+        recipe = barlow_twins_recipe(data.image_size, data.mean, data.std, flip=config.data.flip)
         self.augment = TwoViewAugment(recipe, seed=config.run.seed + rank)
         self.eval_transform = BatchAugment(data.mean, data.std, train=False)
         self._train_features: tuple[Tensor, Tensor] | None = None  # per evaluation
@@ -351,6 +352,8 @@ class BarlowTwinsTask(Task):
 
     def _training_split_features(self, model: nn.Module, device: torch.device):
         """Backbone features of the whole training split, every rank computing an equal share."""
+        if isinstance(self.data, StreamingData):
+            return self._streamed_training_split_features(model, device)
         images, labels = self.data.train_images, self.data.train_labels
         world_size = dist.get_world_size() if _distributed(None) else 1
         rank = dist.get_rank() if world_size > 1 else 0
@@ -367,3 +370,44 @@ class BarlowTwinsTask(Task):
             dist.all_gather(shares, local)
             local = torch.cat(shares)[: len(images)]
         return local, labels.to(device)
+
+    def _streamed_training_split_features(self, model: nn.Module, device: torch.device):
+        """The training split read like the evaluation split (centre crops, no augmentation):
+        each rank its shard, padded to equal micro batches (ZeRO-3 gathers parameters in every
+        forward), the shards gathered back into the split's order. A full read of the split per
+        evaluation, by a loader made for it and closed at its end (no decode workers idle
+        between evaluations)."""
+        world_size = dist.get_world_size() if _distributed(None) else 1
+        rank = dist.get_rank() if world_size > 1 else 0
+        data = self.config.data
+        loader = StreamingLoader(
+            self.data.train,
+            Transform(self.data.image_size, train=False, eval_resize=data.eval_resize),
+            self.config.batch.micro_batch_size,
+            rank,
+            world_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
+            bad_images=data.bad_images,
+            device=device,
+        )
+        features, labels = [], []
+        for images, batch_labels in loader:
+            features.append(model(self.eval_transform(images)).float())
+            labels.append(batch_labels)
+        loader.close()
+        local = torch.cat(features), torch.cat(labels)
+        if world_size > 1:
+            gathered = []
+            for tensor in local:
+                shares = [torch.empty_like(tensor) for _ in range(world_size)]
+                # collective: all_gather of every rank's share of the training features / labels
+                dist.all_gather(shares, tensor)
+                # Rank r holds global micro batch k's r-th slice: back to [k, r, sample] order.
+                stacked = torch.stack(shares).unflatten(1, (len(loader), -1)).transpose(0, 1)
+                gathered.append(stacked.flatten(0, 2))
+            local = tuple(gathered)
+        # Without shuffling, the split's samples come first in order, then the padding.
+        return local[0][: len(self.data.train)], local[1][: len(self.data.train)]

@@ -18,7 +18,8 @@ The contract, per optimizer step and per evaluation:
 * The trainer calls :meth:`Task.forward_backward` once per optimizer step with this rank's
   ``grad_accum_steps`` micro-batches (:class:`MicroBatches`: ``len()`` works, iterate once; each
   is drawn from the loader only when reached, so a 16K step never holds all its inputs), already
-  on the training device as ``(uint8 images [n, C, H, W], int64 labels [n])``, and an
+  on the training device as ``(uint8 images [n, C, H, W], int64 labels [n])`` (streamed Barlow
+  Twins: :class:`~tvlars_scale.data.ssl_views.DecodedViews` in place of the images), and an
   :class:`Accumulation`. The default implementation
   calls :meth:`Task.training_loss` per micro-batch; a task whose loss couples micro-batches (Barlow
   Twins' exact accumulation) overrides it. Every forward that feeds a backward must run inside
