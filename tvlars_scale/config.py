@@ -146,7 +146,9 @@ class RunConfig(_Section):
     """{decay: 0.9998, warmup_steps: 0, every_steps: 1}: an fp32 exponential moving average of the
     weights (and floating-point buffers), sharded like the master weights, checkpointed per layer,
     evaluated beside them (ema_* metrics) and exported as export/model_ema.safetensors; null: none.
-    On the command line: run.ema.decay=0.9998."""
+    decay (required, in (0, 1)) applies per update; warmup_steps ramps it up over that many
+    updates (timm ModelEmaV3's warm-up; 0: none); every_steps: update every this many optimizer
+    steps. On the command line: run.ema.decay=0.9998."""
     profile: ProfileConfig | None = None
     """{start_step: 10, num_steps: 3}: a torch.profiler trace of these optimizer steps, written to
     output_dir/profile/ (TensorBoard's profiler plugin, Perfetto or chrome://tracing open it);

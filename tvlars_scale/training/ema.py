@@ -164,10 +164,12 @@ class WeightEMA:
         else:
             targets, sources = self._zero_targets()
         raw = [t.clone() for t in targets]
+        _reshard(self.module)
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source.view_as(target))
 
         def restore() -> None:
+            _reshard(self.module)
             with torch.no_grad():
                 for target, saved in zip(targets, raw, strict=True):
                     target.copy_(saved)
@@ -198,3 +200,14 @@ class WeightEMA:
                 targets.append(p.data)
                 sources.append(average.to(p.dtype))
         return targets, sources
+
+
+def _reshard(module: nn.Module) -> None:
+    """FSDP2 keeps the root module's parameters gathered after a forward (for the backward that
+    usually follows): drop them, so the next forward gathers what the shards hold now. No
+    collective; nothing to do for other engines."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
