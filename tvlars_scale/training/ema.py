@@ -168,11 +168,16 @@ class WeightEMA:
         for target, source in zip(targets, sources, strict=True):
             target.copy_(source.view_as(target))
 
+        gathered = {id(p) for p in _zero3_gathered(self.module)}
+
         def restore() -> None:
             _reshard(self.module)
             with torch.no_grad():
                 for target, saved in zip(targets, raw, strict=True):
                     target.copy_(saved)
+                # ZeRO-3 keeps the small parameters the block's forward gathered: whole again from
+                # their restored partitions.
+                _zero3_regather([p for p in _zero3_gathered(self.module) if id(p) not in gathered])
 
         return restore
 
@@ -211,3 +216,32 @@ def _reshard(module: nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, FSDPModule):
             submodule.reshard()
+
+
+def _zero3_gathered(module: nn.Module) -> list[nn.Parameter]:
+    """ZeRO-3 parameters whose whole tensor is held (its persistent ones, once gathered)."""
+    return [
+        p for p in module.parameters() if hasattr(p, "ds_tensor") and p.data.numel() == p.ds_numel
+    ]
+
+
+def _zero3_regather(params: list[nn.Parameter]) -> None:
+    """Each parameter's whole tensor from its ranks' partitions (``ds_tensor``); the same list on
+    every rank (ZeRO-3's state is symmetric)."""
+    if not params:
+        return
+    world = dist.get_world_size(group=params[0].ds_process_group)
+    rank = dist.get_rank(group=params[0].ds_process_group)
+    sizes = [p.ds_tensor.numel() for p in params]
+    flat = torch.zeros(sum(sizes) * world, dtype=torch.float32, device=params[0].ds_tensor.device)
+    offset = 0
+    for p, size in zip(params, sizes, strict=True):
+        flat[offset + rank * size : offset + (rank + 1) * size] = p.ds_tensor.float()
+        offset += size * world
+    # collective: all_reduce(SUM) of the listed parameters' partitions (fp32), at most once per
+    # evaluation with the average.
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=params[0].ds_process_group)
+    offset = 0
+    for p, size in zip(params, sizes, strict=True):
+        p.data.copy_(flat[offset : offset + p.ds_numel].view_as(p.data))
+        offset += size * world
