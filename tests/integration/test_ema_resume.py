@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
+import torch
 from test_resume import (
     KILLED,
     SINGLE,
@@ -20,6 +22,7 @@ from test_resume import (
 
 from tvlars_scale.checkpoint.checkpointer import MODEL_EMA_FILE
 from tvlars_scale.checkpoint.directory import load_file
+from tvlars_scale.export import load_exported
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -34,7 +37,14 @@ def test_a_killed_run_with_an_average_resumes_bitwise(tmp_path):
     assert result.returncodes == [0], result.describe()
     metrics = json.loads((reference_dir / "metrics.json").read_text())
     assert {"test_accuracy", "ema_test_accuracy"} <= metrics["final"].keys()
-    assert (reference_dir / "export" / "model_ema.safetensors").is_file()
+    # The export ships the average beside the weights, loadable into the same model.
+    export = reference_dir / "export"
+    assert json.loads((export / "model.json").read_text())["ema_weights"] == "model_ema.safetensors"
+    model = load_exported(export)
+    averaged = safetensors.torch.load_file(str(export / "model_ema.safetensors"))
+    model.load_state_dict(averaged, strict=True)
+    saved = load_file(checkpoint(reference_dir, 22), MODEL_EMA_FILE)
+    assert all(torch.equal(averaged[k], v) for k, v in saved.items())
 
     result = launch(config, SINGLE, faults={"TVLARS_FAULT_KILL": "boundary:10"})
     assert result.returncodes == [KILLED], result.describe()
