@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from test_config import run_cli, write_yaml
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
+from tvlars_scale.accelerate_setup import put_plan_into_deepspeed
+from tvlars_scale.batching import plan_batches
 from tvlars_scale.checkpoint.layer_state import (
     capture_layer_state,
     restore_layer_state,
@@ -189,3 +192,21 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path):
         "config error: run.ema.decay: input should be less than 1 (got 1.5)"
     ]
     assert not run_dir.exists()
+
+
+def _deepspeed_config_after_plan(ds_config: dict, grad_clip) -> dict:
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    put_plan_into_deepspeed(accelerator, plan_batches(512, 32, 2), grad_clip)
+    return ds_config
+
+
+def test_grad_clip_drives_deepspeeds_gradient_clipping():
+    assert (
+        _deepspeed_config_after_plan({"gradient_clipping": "auto"}, 1.5)["gradient_clipping"] == 1.5
+    )
+    assert _deepspeed_config_after_plan({}, None)["gradient_clipping"] == 0.0
+    assert _deepspeed_config_after_plan({"gradient_clipping": 1.5}, 1.5)["gradient_clipping"] == 1.5
+    with pytest.raises(ConfigError) as caught:
+        _deepspeed_config_after_plan({"gradient_clipping": 0.0}, 1.5)
+    assert caught.value.key == "deepspeed.gradient_clipping"
