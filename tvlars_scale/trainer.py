@@ -226,7 +226,7 @@ class Trainer:
                 eval_start = time.perf_counter()
                 metrics = self.evaluate()
                 if self.ema is not None:
-                    # collective under ZeRO: one all-reduce makes the average's layers whole.
+                    # collective under ZeRO: all-reduces make the average's layers whole (ema.py).
                     with self.ema.swapped_in():
                         metrics.update({f"ema_{k}": v for k, v in self.evaluate().items()})
                 self._window.exclude(time.perf_counter() - eval_start)
