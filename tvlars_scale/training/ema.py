@@ -26,6 +26,7 @@ filled from them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -100,7 +101,7 @@ class WeightEMA:
         the world sums them (HSDP: replica 0 alone contributes, the pieces tile each layer once)."""
         layout = self.layout
         numels = [int(torch.Size(shape).numel()) for shape in layout.layer_shapes]
-        starts = [sum(numels[:k]) for k in range(len(numels))]
+        starts = [0, *itertools.accumulate(numels)][:-1]
         device = next(iter(self.shadows.values())).device if self.shadows else "cpu"
         flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
         if not layout.sharded or layout.replica_rank == 0:
