@@ -214,8 +214,11 @@ def deepspeed_train_batch_size(plan: BatchPlan) -> int:
     return plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
 
 
-def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
-    """Write the batch plan into the DeepSpeed config; refuse a config file that disagrees."""
+def put_plan_into_deepspeed(
+    accelerator: Accelerator, plan: BatchPlan, grad_clip: float | None = None
+) -> None:
+    """Write the batch plan and ``optim.grad_clip`` into the DeepSpeed config; refuse a config file
+    that disagrees."""
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     wanted = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -231,10 +234,17 @@ def put_plan_into_deepspeed(accelerator: Accelerator, plan: BatchPlan) -> None:
                 'set it to "auto"',
             )
         ds_config[key] = value
-    # Accelerate fills an "auto" gradient_clipping with 1.0; the one-process and DDP paths do not
-    # clip, so neither does DeepSpeed unless its config sets a number.
-    if ds_config.get("gradient_clipping", "auto") == "auto":
-        ds_config["gradient_clipping"] = 0.0
+    # Accelerate fills an "auto" gradient_clipping with 1.0; DeepSpeed clips as optim.grad_clip
+    # says, like the other paths (training.clip), and a JSON value that disagrees is refused.
+    clip = grad_clip or 0.0
+    current = ds_config.get("gradient_clipping", "auto")
+    if current not in ("auto", clip):
+        raise ConfigError(
+            "deepspeed.gradient_clipping",
+            f"the DeepSpeed config says {current} but optim.grad_clip is {grad_clip}; set it to "
+            '"auto" (optim.grad_clip drives it)',
+        )
+    ds_config["gradient_clipping"] = clip
 
 
 def reduce_gradients_in_fp32(accelerator: Accelerator) -> None:
@@ -291,7 +301,7 @@ def prepare(
     ``model.channels_last`` and ``run.compile`` are applied around it (:mod:`tvlars_scale.training.levers`)."""
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if deepspeed:
-        put_plan_into_deepspeed(accelerator, plan)
+        put_plan_into_deepspeed(accelerator, plan, config.optim.grad_clip if config else None)
         reduce_gradients_in_fp32(accelerator)
     run = config.run if config is not None else None
     if config is not None and config.model.channels_last:

@@ -315,11 +315,12 @@ def optimizer(
 ) -> torch.optim.Optimizer:
     """``optim.name``'s optimizer over the usual two parameter groups (decayed / not), at ``lr``.
 
-    The section's fields are the constructor's arguments (``sgd`` and ``adamw`` are torch's own);
+    The section's fields but ``grad_clip`` are the constructor's arguments (``sgd`` and ``adamw``
+    are torch's own);
     the one epoch-valued field, TVLARS' ``delay_epochs`` (both variants), becomes ``delay_steps``
     from the real steps per epoch.
     """
-    kwargs = optim.model_dump(exclude={"name"})
+    kwargs = optim.model_dump(exclude={"name", "grad_clip"})  # the loop clips, not the optimizer
     kwargs["lr"] = lr
     if "delay_epochs" in kwargs:
         kwargs["delay_steps"] = epochs_to_steps(kwargs.pop("delay_epochs"), steps_per_epoch)

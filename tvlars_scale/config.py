@@ -41,6 +41,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EMAConfig",
     "LAMBConfig",
     "LARSConfig",
     "ModelConfig",
@@ -84,6 +85,16 @@ class ProfileConfig(_Section):
     """First optimizer step profiled (counted like the run's steps; after warm-up and compile)."""
     num_steps: int = Field(3, ge=1)
     """Optimizer steps in the trace."""
+
+
+class EMAConfig(_Section):
+    decay: float = Field(gt=0, lt=1)
+    """Decay per update: ema = decay * ema + (1 - decay) * weights (timm's ModelEmaV3 lerp)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Updates over which the decay ramps up to decay (timm ModelEmaV3's warm-up, its gamma
+    chosen so the ramp reaches decay here); 0: decay from the first update."""
+    every_steps: int = Field(1, ge=1)
+    """Update the average every this many optimizer steps."""
 
 
 class RunConfig(_Section):
@@ -132,6 +143,13 @@ class RunConfig(_Section):
     compile_regional: bool = True
     """run.compile per repeated block (a ResNet's residual blocks: one graph per block shape, less
     compile time) where the model has such blocks; false: the whole model as one graph."""
+    ema: EMAConfig | None = None
+    """{decay: 0.9998, warmup_steps: 0, every_steps: 1}: an fp32 exponential moving average of the
+    weights (and floating-point buffers), sharded like the master weights, checkpointed per layer,
+    evaluated beside them (ema_* metrics) and exported as export/model_ema.safetensors; null: none.
+    decay (required, in (0, 1)) applies per update; warmup_steps ramps it up over that many
+    updates (timm ModelEmaV3's warm-up; 0: none); every_steps: update every this many optimizer
+    steps. On the command line: run.ema.decay=0.9998."""
     profile: ProfileConfig | None = None
     """{start_step: 10, num_steps: 3}: a torch.profiler trace of these optimizer steps, written to
     output_dir/profile/ (TensorBoard's profiler plugin, Perfetto or chrome://tracing open it);
@@ -256,12 +274,16 @@ class BatchConfig(_Section):
 
 
 class _OptimBase(_Section):
-    """Fields every optimizer takes; each subclass adds exactly its constructor's own arguments."""
+    """Fields every optimizer takes (and the step's gradient clipping); each subclass adds exactly
+    its constructor's own arguments."""
 
     lr: float = Field(1.0, gt=0)
     """Target learning rate (at batch.base_batch_size when batch.lr_scaling is not none)."""
     weight_decay: float = Field(5e-4, ge=0)
     """L2 weight decay (not applied to 1-D parameters and biases)."""
+    grad_clip: float | None = Field(None, ge=0)
+    """Clip the gradients to this global L2 norm over the whole model before the step (torch's
+    clip_grad_norm_; under DeepSpeed its gradient_clipping); null or 0: no clipping."""
 
 
 class TVLARSConfig(_OptimBase):
@@ -526,7 +548,9 @@ def _apply_override(raw: dict, override: str) -> None:
     *parents, leaf = key.split(".")
     node = raw
     for depth, part in enumerate(parents):
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a section that is off (null) is switched on by its key
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(".".join(parents[: depth + 1]), "is a value, not a section")
     node[leaf] = _parse_yaml(text, key) if text else None

@@ -6,6 +6,9 @@
 ``model.safetensors``
     the model's ``state_dict`` (parameters and buffers: BatchNorm statistics), tensor for tensor
     what the checkpoint's ``model.pt`` holds, contiguous, no two tensors sharing memory.
+``model_ema.safetensors`` (runs with ``run.ema`` only)
+    the same tensors from the checkpoint's moving average of the weights (``model_ema.pt``); it
+    loads into the same model (``model.json``'s ``"ema_weights"`` names it).
 ``model.json``
     what it is: timm model name, task, step, classes, input size and channels, the normalisation
     it was trained with (when known), whether it has the CIFAR stem, the keyword arguments and
@@ -72,7 +75,7 @@ from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models.resnet import ResNet
 from torch import Tensor, nn
 
-from tvlars_scale.checkpoint.checkpointer import CONFIG_FILE, MODEL_FILE
+from tvlars_scale.checkpoint.checkpointer import CONFIG_FILE, MODEL_EMA_FILE, MODEL_FILE
 from tvlars_scale.checkpoint.directory import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -88,6 +91,7 @@ from tvlars_scale.data import DATASETS, DataError, load_image_data
 from tvlars_scale.models import CIFAR_STEM_MAX_SIZE, ModelError, build_model, use_cifar_stem
 
 __all__ = [
+    "EMA_WEIGHTS_FILE",
     "EXPORT_DIR",
     "FORMAT",
     "HUB_CONFIG_FILE",
@@ -102,10 +106,11 @@ __all__ = [
 
 EXPORT_DIR = "export"
 WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "model_ema.safetensors"
 META_FILE = "model.json"
 HUB_CONFIG_FILE = "config.json"
 FORMAT = "tvlars_scale.export/1"
-EXPORT_FILES = frozenset({WEIGHTS_FILE, META_FILE, HUB_CONFIG_FILE})
+EXPORT_FILES = frozenset({WEIGHTS_FILE, EMA_WEIGHTS_FILE, META_FILE, HUB_CONFIG_FILE})
 # Recompute the synthetic dataset's statistics only up to this many uint8 training bytes.
 SYNTHETIC_STATS_MAX_BYTES = 64 << 20
 _EXPORTABLE_TASKS = ("classification", "barlow_twins")
@@ -449,16 +454,24 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _publish(
-    out_dir: Path, tensors: dict[str, Tensor], meta: dict, hub_config: dict | None
+    out_dir: Path,
+    tensors: dict[str, Tensor],
+    meta: dict,
+    hub_config: dict | None,
+    ema_tensors: dict[str, Tensor] | None = None,
 ) -> list[Path]:
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=parent))
     try:
-        weights = staging / WEIGHTS_FILE
         header = {"format": "pt", "model": meta["model"], "tvlars_scale": FORMAT}
-        safetensors.torch.save_file(tensors, str(weights), metadata=header)
-        fsync_path(weights)
+        shipped = {
+            WEIGHTS_FILE: tensors,
+            **({EMA_WEIGHTS_FILE: ema_tensors} if ema_tensors else {}),
+        }
+        for name, content in shipped.items():
+            safetensors.torch.save_file(content, str(staging / name), metadata=header)
+            fsync_path(staging / name)
         files = {META_FILE: meta, **({HUB_CONFIG_FILE: hub_config} if hub_config else {})}
         for name, content in files.items():
             write_durably(staging / name, (json.dumps(content, indent=2) + "\n").encode())
@@ -467,7 +480,7 @@ def _publish(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return [out_dir / WEIGHTS_FILE, *(out_dir / name for name in files)]
+    return [*(out_dir / name for name in shipped), *(out_dir / name for name in files)]
 
 
 def export_checkpoint(
@@ -487,8 +500,8 @@ def export_checkpoint(
             ``data.mean`` / ``data.std``); recorded so the model's inputs can be normalised as in
             training. Without them see the module docstring.
 
-    Returns the export directory: ``model.safetensors``, ``model.json`` and, for models timm
-    rebuilds by itself, ``config.json``. Raises :class:`ExportError` (one line naming the file)
+    Returns the export directory: ``model.safetensors``, ``model.json``, with a moving average
+    ``model_ema.safetensors`` and, for models timm rebuilds by itself, ``config.json``. Raises :class:`ExportError` (one line naming the file)
     before writing anything when the checkpoint cannot be exported.
     """
     checkpoint = Path(checkpoint_dir)
@@ -501,10 +514,18 @@ def export_checkpoint(
     config = _load_run_config(checkpoint / CONFIG_FILE)
     state = _load_state(checkpoint / MODEL_FILE)
     weights, meta, hub_config = _describe(checkpoint, config, state, manifest, mean, std)
+    ema_weights = None
+    if (checkpoint / MODEL_EMA_FILE).is_file():  # a run with run.ema: its average beside
+        _check_size(checkpoint / MODEL_EMA_FILE, manifest)
+        ema_state = _load_state(checkpoint / MODEL_EMA_FILE)
+        ema_weights = _safetensors_ready(
+            _describe(checkpoint, config, ema_state, manifest, mean, std)[0]
+        )
+        meta["ema_weights"] = EMA_WEIGHTS_FILE
     out = Path(out_dir) if out_dir is not None else _default_out_dir(checkpoint)
     if out.exists():
         _check_replaceable(out)
-    _publish(out, _safetensors_ready(weights), meta, hub_config)
+    _publish(out, _safetensors_ready(weights), meta, hub_config, ema_weights)
     return out
 
 
@@ -551,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"export error: cannot write the export: {_one_line(error)}", file=sys.stderr)
         return 1
-    for name in (WEIGHTS_FILE, META_FILE, HUB_CONFIG_FILE):
+    for name in (WEIGHTS_FILE, EMA_WEIGHTS_FILE, META_FILE, HUB_CONFIG_FILE):
         if (out / name).exists():
             print(out / name)
     return 0

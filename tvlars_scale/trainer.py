@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -31,7 +31,7 @@ from tvlars_scale import accelerate_setup, build, fault_injection
 from tvlars_scale.accelerate_setup import StepAccumulation, make_accelerator, prepare
 from tvlars_scale.checkpoint import Checkpointer, find_latest_complete
 from tvlars_scale.config import Config, ConfigError
-from tvlars_scale.nonfinite import NonFiniteError, gradients_are_finite
+from tvlars_scale.nonfinite import NonFiniteError
 from tvlars_scale.preemption import PreemptionFlag
 from tvlars_scale.run_dir import RunDir
 from tvlars_scale.tasks import MicroBatch, MicroBatches, build_task
@@ -43,6 +43,8 @@ from tvlars_scale.telemetry import (
     trust_ratio_summary,
 )
 from tvlars_scale.train_state import TrainState
+from tvlars_scale.training.ema import WeightEMA
+from tvlars_scale.training.optimizer_step import OptimizerStep
 from tvlars_scale.training.reporting import RunReport
 
 __all__ = ["TrainState", "Trainer"]
@@ -137,6 +139,13 @@ class Trainer:
             config_yaml=config.to_yaml(),
             train_state=self,
         )
+        layout, ema = self.checkpointer.layout, run.ema
+        self.ema = self.checkpointer.ema = (
+            None if ema is None else WeightEMA(layout, self.checkpointer.module, **dict(ema))
+        )
+        self.optimizer_step = OptimizerStep(
+            accelerator, self.model, self.prepared_optimizer, layout, config.optim.grad_clip
+        )
         if resume_from is not None:  # resume: auto goes past a corrupt checkpoint to the previous
             resume_from = self.run_dir.restore(self.checkpointer, resume_from, accelerator.print)
             accelerator.print(
@@ -216,6 +225,8 @@ class Trainer:
             if state.epoch % run.eval_every == 0 or state.epoch == run.num_epochs:
                 eval_start = time.perf_counter()
                 metrics = self.evaluate()
+                if self.ema is not None:  # collective under ZeRO: the average's layers made whole
+                    metrics.update(self.ema.evaluated(self.evaluate))
                 self._window.exclude(time.perf_counter() - eval_start)
                 self.history.append({"epoch": state.epoch, "step": state.step, **metrics})
                 accelerator.log(metrics, step=state.step)
@@ -267,32 +278,18 @@ class Trainer:
                 f"task {type(self.task).__name__} entered {accumulation.num_micro_batches} "
                 f"micro-batch contexts in a step of {self.plan.grad_accum_steps}"
             )
-        applied = self._optimizer_step()
+        applied = self.optimizer_step.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
         self.state.micro_batch += self.plan.grad_accum_steps
         self.state.num_samples += self.plan.global_batch_size
         if applied:
             self.state.step += 1
             self.state.nonfinite_in_row = 0
+            if self.ema is not None:
+                self.ema.update(self.state.step)
         else:
             self._skip_nonfinite_step()
         return loss
-
-    def _optimizer_step(self) -> bool:
-        """Step the optimizer unless a gradient is NaN/Inf; True when the step was applied."""
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # The engine stepped, or skipped a non-finite step, inside the last backward.
-            return self.model.was_step_applied()
-        if self.accelerator.scaler is not None:
-            # fp16: the GradScaler skips non-finite steps itself and must see them to lower the scale.
-            self.prepared_optimizer.step()
-            return not self.prepared_optimizer.step_was_skipped
-        # Gradients are all-reduced already, so every rank takes the same decision.
-        # host sync: one bool per step, inside gradients_are_finite.
-        if not gradients_are_finite(self.model.parameters()):
-            return False
-        self.prepared_optimizer.step()
-        return True
 
     def _skip_nonfinite_step(self) -> None:
         state, limit = self.state, self.config.run.max_nonfinite_steps
@@ -333,6 +330,8 @@ class Trainer:
         phi = getattr(self.optimizer, "last_phi", None)
         if phi is not None:
             values["phi_t"] = phi
+        if self.optimizer_step.grad_norm is not None:  # host sync: at a log step only
+            values["grad_norm"] = float(self.optimizer_step.grad_norm)
         stats = main_process_layer_stats(self.optimizer, self.accelerator)
         if stats:
             record = {"step": self.state.step, "lr": lr, "phi_t": phi, "layers": stats}

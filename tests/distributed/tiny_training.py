@@ -191,6 +191,7 @@ def deepspeed_config(stage: int, **zero_overrides) -> dict:
         "train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE,
         "gradient_accumulation_steps": GRAD_ACCUM_STEPS,
         "train_batch_size": MICRO_BATCH_SIZE * GRAD_ACCUM_STEPS * WORLD_SIZE,
+        "gradient_clipping": 0.0,  # the trainer's default (optim.grad_clip unset)
     }
     for key, value in config.items():
         if value == "auto":

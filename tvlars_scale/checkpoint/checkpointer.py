@@ -13,10 +13,14 @@ A checkpoint ``<run>/checkpoints/step-N/`` holds:
     and per layer in the optimizer state) are their whole state.
 ``config.yaml`` (rank 0)
     the resolved config, the reference for the resume policy (:mod:`.policy`).
+``model_ema.pt`` (rank 0, with ``run.ema`` only)
+    the moving average of the weights as a full ``state_dict`` (:mod:`tvlars_scale.training.ema`),
+    for evaluation and export; the resume reads its per-layer runs instead (below).
 ``rank-<r>.pt`` (every rank)
     rank ``r``'s random states (Python, NumPy, torch CPU and CUDA, the task's augmentation
     generators), its model buffers, and the optimizer state and fp32 master weights it holds, per
-    named layer (:mod:`.layer_state`). The buffers are per rank because only DDP broadcasts rank 0's
+    named layer (:mod:`.layer_state`), with the moving average's runs when there is one (and its
+    averaged buffers, per rank like the buffers). The buffers are per rank because only DDP broadcasts rank 0's
     every forward: under DeepSpeed and FSDP2 each rank's BatchNorm statistics follow its own data,
     and a resume that gave every rank rank 0's would evaluate and train on differently.
 
@@ -72,7 +76,9 @@ from tvlars_scale.checkpoint.rng import capture_rng_state, restore_rng_state
 from tvlars_scale.config import ConfigError
 from tvlars_scale.optim.sharding import ShardedLayout, local_tensor
 
-__all__ = ["CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer"]
+__all__ = ["MODEL_EMA_FILE", "CheckpointCorruptError", "CheckpointRestoreError", "Checkpointer"]
+
+MODEL_EMA_FILE = "model_ema.pt"
 
 
 class CheckpointRestoreError(ConfigError):
@@ -102,8 +108,11 @@ class Checkpointer:
     Build it after ``accelerator.prepare`` and ``bind_zero``: it saves the optimizer state through
     the layout the optimizer is bound to (:attr:`layout`). ``train_state`` is the loop's part
     (``state_dict()["state"]`` is its position); ``config_yaml`` the resolved config saved with
-    every checkpoint.
+    every checkpoint. :attr:`ema`, the run's moving average of the weights (built on
+    :attr:`layout`; ``None``: none), is saved and restored with the optimizer state.
     """
+
+    ema = None
 
     def __init__(
         self,
@@ -253,13 +262,22 @@ class Checkpointer:
             "rng": capture_rng_state(),
             "task": self.task.state_dict(),
             "buffers": {k: v.detach().clone() for k, v in self.module.named_buffers()},
-            "layers": capture_layer_state(self.optimizer, self.layout, owner=self._owner()),
+            "layers": capture_layer_state(
+                self.optimizer,
+                self.layout,
+                owner=self._owner(),
+                ema=self.ema.shadows if self.ema is not None else None,
+            ),
         }
         shared = {
             MODEL_FILE: model_state,
             TRAINER_FILE: trainer_state,
             CONFIG_FILE: self.config_yaml,
         }
+        if self.ema is not None:
+            rank_payload["ema_buffers"] = {k: v.clone() for k, v in self.ema.buffers.items()}
+            # collective: the average's layers made whole (one all-reduce when sharded).
+            shared[MODEL_EMA_FILE] = self.ema.state_dict()
         return save_checkpoint(
             self.run_dir,
             step,
@@ -299,7 +317,10 @@ class Checkpointer:
                     piece = f"the optimizer state (per layer) in {source}"
                     yield payload  # released once merged
 
-            restore_layer_state(self.optimizer, self.layout, layer_payloads())
+            ema = self.ema.shadows if self.ema is not None else None
+            ema_restored = restore_layer_state(
+                self.optimizer, self.layout, layer_payloads(), ema=ema
+            )
             piece = "the optimizer state (per layer)"
             if own is not None:
                 piece = f"the random states in {rank_file(own)}"
@@ -309,6 +330,9 @@ class Checkpointer:
                 if "buffers" in own_payload:  # checkpoints written before 2026-12 lack them
                     piece = f"the model buffers in {rank_file(own)}"
                     self._load_buffers(own_payload["buffers"])
+            if self.ema is not None:
+                piece = f"the moving average's buffers in {rank_file(own or 0)}"
+                self._restore_ema(ema_restored, own_payload, print_fn)
             piece = TRAINER_FILE
             trainer_state = load_bytes(inputs.trainer)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
@@ -327,6 +351,19 @@ class Checkpointer:
             self.train_state.load_state_dict(trainer_state)
             self._saved_position = self.train_state.state_dict()["state"]
         return trainer_state
+
+    def _restore_ema(self, restored: bool, own_payload: dict | None, print_fn) -> None:
+        """The average's buffers from this rank's own file; a checkpoint without an average
+        starts it from the restored weights."""
+        saved_buffers = (own_payload or {}).get("ema_buffers")
+        if not restored:
+            print_fn("the checkpoint has no moving average: run.ema starts from its weights")
+            self.ema.reset()
+        elif saved_buffers is None:
+            self.ema.reset(buffers_only=True)
+        else:
+            for name, average in self.ema.buffers.items():
+                average.copy_(saved_buffers[name])
 
 
 def _is_dtensor(tensor) -> bool:

@@ -18,6 +18,10 @@ int; 0-dim tensors) is saved per layer. Under ZeRO one partition carries one val
 layers, so on loading the layers that share a partition must agree; they always do when the
 checkpoint came from a run where those layers were stepped together.
 
+A moving average of the weights (:mod:`tvlars_scale.training.ema`), one fp32 buffer per stepped
+tensor, travels in the same runs (``"ema"`` beside ``"weights"``), so it moves between world sizes
+and engines like them; payloads without it (EMA off, older checkpoints) still load.
+
 DeepSpeed's universal-checkpoint converter knows Adam's state only (DeepSpeed issue 8608); this
 needs nothing from the optimizer but ``optimizer.state``.
 """
@@ -25,7 +29,7 @@ needs nothing from the optimizer but ``optimizer.state``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -73,13 +77,18 @@ def _copy_run(tensor: torch.Tensor, piece: Piece, where: slice, values: torch.Te
 
 
 def capture_layer_state(
-    optimizer: torch.optim.Optimizer, layout: ShardedLayout, *, owner: bool
+    optimizer: torch.optim.Optimizer,
+    layout: ShardedLayout,
+    *,
+    owner: bool,
+    ema: Mapping[int, torch.Tensor] | None = None,
 ) -> dict:
     """This rank's part of the optimizer state and master weights, by layer (see module docstring).
 
     ``owner``: whether this rank writes its pieces -- every rank when the layout is sharded, rank 0
-    alone when every rank holds the same whole parameters. Every piece is cloned: saving a view would
-    write the whole flat partition behind it.
+    alone when every rank holds the same whole parameters. ``ema``: ``id(tensor)`` -> its moving
+    average, for each of ``layout``'s tensors (saved in each run as ``"ema"``). Every piece is
+    cloned: saving a view would write the whole flat partition behind it.
     """
     payload: dict = {"shapes": {}, "scalars": {}, "state_keys": {}, "runs": []}
     if not owner:
@@ -102,16 +111,21 @@ def capture_layer_state(
                 # ranks' optimizer states have the same keys (DTensor state ops are collectives).
                 payload["state_keys"][names[layer]] = sorted(elementwise)
         for piece in entry.pieces:
-            payload["runs"].append(
-                {
-                    "layer": names[piece.layer],
-                    "offset": piece.layer_offset,
-                    "numel": piece.numel,
-                    "weights": _run_of(tensor.detach(), piece).float().clone(),
-                    "state": {k: _run_of(v, piece).clone() for k, v in elementwise.items()},
-                }
-            )
+            run = {
+                "layer": names[piece.layer],
+                "offset": piece.layer_offset,
+                "numel": piece.numel,
+                "weights": _run_of(tensor.detach(), piece).float().clone(),
+                "state": {k: _run_of(v, piece).clone() for k, v in elementwise.items()},
+            }
+            if ema is not None:
+                run["ema"] = _run_of(ema[id(tensor)], piece).clone()
+            payload["runs"].append(run)
     return payload
+
+
+_EMA = ("ema",)
+"""The coverage key of the moving average (a tuple: never an optimizer state key)."""
 
 
 class _Target:
@@ -119,15 +133,21 @@ class _Target:
 
     def __init__(self, tensor: torch.Tensor, piece: Piece):
         self.tensor, self.piece = tensor, piece
-        self.covered: dict[str | None, int] = defaultdict(int)  # key (None: the weights) -> count
+        # key (None: the weights, _EMA: the moving average) -> count
+        self.covered: dict[str | tuple | None, int] = defaultdict(int)
 
 
 class _Merge:
     """Saved payloads merged into this rank's layout one at a time, so each can be released as soon
     as it is merged; :meth:`finish` checks that everything this rank holds was given."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, layout: ShardedLayout):
-        self.optimizer, self.layout = optimizer, layout
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        layout: ShardedLayout,
+        ema: Mapping[int, torch.Tensor] | None = None,
+    ):
+        self.optimizer, self.layout, self.ema = optimizer, layout, ema
         names = layout.layer_names
         self.current = dict(zip(names, layout.layer_shapes, strict=True))
         self.targets: dict[str, list[_Target]] = defaultdict(list)
@@ -171,6 +191,9 @@ class _Merge:
         )
         _copy_run(target.tensor, piece, destination, saved["weights"][source])
         target.covered[None] += end - begin
+        if self.ema is not None and "ema" in saved:
+            _copy_run(self.ema[id(target.tensor)], piece, destination, saved["ema"][source])
+            target.covered[_EMA] += end - begin
         buffers = self.state[id(target.tensor)]
         for key, values in saved["state"].items():
             if key not in buffers:
@@ -179,7 +202,9 @@ class _Merge:
             _copy_run(buffers[key], piece, destination, values[source])
             target.covered[key] += end - begin
 
-    def finish(self) -> None:
+    def finish(self) -> bool:
+        """Check and install; returns whether the moving average was restored (the checkpoint
+        holds it for every piece) -- False when it holds none of it."""
         names = self.layout.layer_names
         for layer in sorted(self.current.keys() | self.shapes.keys()):
             if layer not in self.shapes:
@@ -235,6 +260,22 @@ class _Merge:
                         )
             state = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
             self.optimizer.state[tensor] = {**state, **dict(sorted(buffers.items()))}
+        return self._ema_restored()
+
+    def _ema_restored(self) -> bool:
+        if self.ema is None:
+            return False
+        targets = [t for targets in self.targets.values() for t in targets]
+        given = [t for t in targets if t.covered[_EMA]]
+        if not given:
+            return False
+        for target in targets:
+            if target.covered[_EMA] != target.piece.numel:
+                raise ValueError(
+                    f"checkpoint has the moving average (EMA) of only part of "
+                    f"{self.layout.layer_names[target.piece.layer]}"
+                )
+        return True
 
 
 def same_values(a: dict, b: dict) -> bool:
@@ -253,8 +294,12 @@ def same_values(a: dict, b: dict) -> bool:
 
 @torch.no_grad()
 def restore_layer_state(
-    optimizer: torch.optim.Optimizer, layout: ShardedLayout, payloads: Iterable[dict]
-) -> None:
+    optimizer: torch.optim.Optimizer,
+    layout: ShardedLayout,
+    payloads: Iterable[dict],
+    *,
+    ema: Mapping[int, torch.Tensor] | None = None,
+) -> bool:
     """Load :func:`capture_layer_state` payloads into this rank's ``layout``.
 
     ``payloads`` may be every rank's, or only those holding what this rank needs (and, for each
@@ -263,8 +308,11 @@ def restore_layer_state(
     copied into the stepped tensors (parameters or fp32 partitions) and the optimizer state is
     replaced. Raises ``ValueError`` naming the layer when a piece is missing, the layers differ from
     the model's, or a partition's layers carry different step counters.
+
+    ``ema`` (as for :func:`capture_layer_state`): the moving averages to fill from the runs' saved
+    ``"ema"``; returns whether the checkpoint held it (False: left as it was).
     """
-    merge = _Merge(optimizer, layout)
+    merge = _Merge(optimizer, layout, ema)
     for payload in payloads:
         merge.add(payload)
-    merge.finish()
+    return merge.finish()

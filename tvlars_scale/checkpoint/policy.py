@@ -62,6 +62,12 @@ OPERATIONAL_KEYS = frozenset(
         "run.profile",
         "run.profile.start_step",
         "run.profile.num_steps",
+        # The moving average beside the weights: they train the same with or without it; switched
+        # on at a resume, it starts from the checkpoint's weights.
+        "run.ema",
+        "run.ema.decay",
+        "run.ema.warmup_steps",
+        "run.ema.every_steps",
         "model.channels_last",
         "batch.micro_batch_size",
         "data.path",
