@@ -24,23 +24,26 @@ if [ "${FULL:-0}" = 1 ]; then
   $run
 else
   # In order of priority, the order the committed table's runs were made in (each step's "best
-  # LR" is the best on seed 0 among the runs finished before it):
+  # LR" is the best on seed 0 among the runs finished before it), so that every step ends with
+  # three seeds at each cell's best LR:
   # (a) seed 0, the five optimizers, every batch and target LR (each cell's middle LR first),
   #     with sharpness; (b) seeds 1-2 at each cell's best LR; (c), (d) the same for LARS without
-  #     warm-up; (e) edge extensions on seed 0: while a cell's best LR is the lowest or highest
-  #     it has run, one more LR outward by the cell's own ratio, at most 2 beyond the grid's
-  #     range per cell; (f) seeds 1-2 at each cell's best LR where (e) moved it.
-  # An interrupted (e) resumed from the top may add seeds 1-2 at an intermediate best in (b).
+  #     warm-up; (e) edge extensions on seed 0: each cell whose best LR is the lowest or highest
+  #     it has run gets one more LR outward by the cell's own ratio; (f) seeds 1-2 where (e) moved
+  #     the best; (g), (h) the same again, up to 2 LRs beyond the grid's range per cell.
+  # An interrupted step resumed from the top may add seeds 1-2 at an intermediate best.
   # shellcheck disable=SC2086  # $main and $all are lists of arguments
   $run --seeds 0 --middle-lr-first $main
   # shellcheck disable=SC2086
   $run --best-lr-only --seeds 1 2 $main
   $run --seeds 0 --middle-lr-first --filter optimizer=lars
   $run --best-lr-only --seeds 1 2 --filter optimizer=lars
-  # shellcheck disable=SC2086
-  $run --extend-edges 2 $all
-  # shellcheck disable=SC2086
-  $run --best-lr-only --seeds 1 2 $all
+  for cap in 1 2; do
+    # shellcheck disable=SC2086
+    $run --extend-edges $cap $all
+    # shellcheck disable=SC2086
+    $run --best-lr-only --seeds 1 2 $all
+  done
 fi
 $study summarize runs/fashion_regime --grid configs/fashion_regime.yaml --out results/fashion_regime \
   --test-split "the 10,000 Fashion-MNIST test images (14 px)"
