@@ -18,13 +18,15 @@ def row(task, optimizer, batch, lr, seed, top1, sharpness=None):
                 sharpness=sharpness)  # fmt: skip
 
 
-def test_best_lr_is_chosen_on_seed_0_and_partial_seeds_are_dropped():
+def test_best_lr_is_chosen_on_seed_0_and_partial_seeds_name_the_cells_they_miss():
     rows = [
         row("classification", "lars", 128, 1.0, 0, 90.0, 10.0),
         row("classification", "lars", 128, 2.0, 0, 92.0, 20.0),
         row("classification", "lars", 256, 1.0, 0, 80.0),
         row("classification", "lars", 256, 2.0, 0, 80.0),  # a tie: the smaller LR
-        # seed 1 ran each best LR: kept; seed 2 stopped half-way: dropped.
+        row("classification", "lars", 256, 0.5, 0, 70.0),  # an edge extension
+        # seed 1 ran each best LR; seed 2 stopped half-way: its cell averages 3 seeds, the
+        # other 2, and the coverage line names the cell it has not reached.
         row("classification", "lars", 128, 2.0, 1, 94.0),
         row("classification", "lars", 256, 1.0, 1, 70.0),
         row("classification", "lars", 128, 2.0, 2, 50.0),
@@ -32,17 +34,17 @@ def test_best_lr_is_chosen_on_seed_0_and_partial_seeds_are_dropped():
     assert best_lrs(rows) == {("classification", "lars", 128): 2.0,
                               ("classification", "lars", 256): 1.0}  # fmt: skip
     grid = {("classification", "lars", b, lr) for b in (128, 256) for lr in (1.0, 2.0)}
-    kept, lines = coverage(rows, grid)
-    assert [r["seed"] for r in kept] == [0, 0, 0, 0, 1, 1]
-    assert lines == [
-        "- Classification, seed 0: all 4 cells (every target LR)",
+    assert coverage(rows, grid) == [
+        "- Classification, seed 0: all 4 cells (every target LR), and 1 edge extensions",
         "- Classification, seed 1: the best LR of each of the 2 (optimizer, batch)",
-        "- Classification, seed 2: 1 runs, not every best-LR cell: dropped",
+        "- Classification, seed 2: the best LR of 1 of the 2 (optimizer, batch); not yet: lars/256",
     ]
-    cells = {(c["batch"], c["lr"]): c for c in aggregate(kept)}
+    cells = {(c["batch"], c["lr"]): c for c in aggregate(rows)}
     assert cells[(128, 2.0)]["best_lr"] and not cells[(128, 1.0)]["best_lr"]
-    assert cells[(128, 2.0)]["top1_mean"] == 93.0 and cells[(128, 2.0)]["seeds"] == 2
-    assert cells[(128, 2.0)]["top1_std"] == pytest.approx(math.sqrt(2.0), abs=1e-3)
+    assert cells[(128, 2.0)]["top1_mean"] == 78.667 and cells[(128, 2.0)]["seeds"] == 3
+    assert cells[(128, 2.0)]["top1_std"] == pytest.approx(24.85, abs=1e-2)
+    assert cells[(256, 1.0)]["seeds"] == 2 and cells[(256, 1.0)]["edge"] is None
+    assert cells[(128, 2.0)]["edge"] == "high"
     assert (
         cells[(128, 2.0)]["sharpness_mean"] == 20.0 and cells[(256, 2.0)]["sharpness_mean"] is None
     )
@@ -143,13 +145,13 @@ def _fake_run_one(peaks):
     return run_one
 
 
-def test_run_extend_edges_then_best_lr_only_follow_the_moved_best(tmp_path, monkeypatch):
+def test_run_extend_edges_then_best_lr_only_follow_the_moved_best(tmp_path, monkeypatch, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
         f"""
 name: tiny
 output_root: {tmp_path / "runs"}
-seeds: [0, 1]
+seeds: [0, 1, 2]
 datasets: {{digits: {{config: {REPO / "configs" / "digits.yaml"}}}}}
 tasks: {{classification: {{overrides: {{task.name: classification}}}}}}
 batch_lrs: {{64: [1, 2, 3]}}
@@ -166,13 +168,15 @@ optimizers: {{inside: {{overrides: {{optim.name: lars}}}}, above: {{overrides: {
            for opt in ("inside", "above", "far")}  # fmt: skip
     assert lrs == {"inside": [1, 2, 3], "above": [1, 2, 3, 4.5, 6.75], "far": [1, 2, 3, 4.5, 6.75]}
     assert all(n.endswith("-s0") for n in names)
-    # Seed 1 at each cell's best LR, an extension's included; the run's overrides carry its LR.
-    assert main(["run", "--grid", str(grid), "--best-lr-only", "--seeds", "1"]) == 0
-    seed1 = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.endswith("-s1"))
-    assert seed1 == [
-        "digits-classification-above-b64-lr4.5-s1",
-        "digits-classification-far-b64-lr6.75-s1",
-        "digits-classification-inside-b64-lr2-s1",
+    # Seeds 1-2 at each cell's best LR, an extension's included, cell by cell (a study stopped
+    # part-way has whole cells); the run's overrides carry its LR.
+    capsys.readouterr()
+    assert main(["run", "--grid", str(grid), "--best-lr-only", "--seeds", "1", "2"]) == 0
+    trained = [line.split()[1].rstrip(":") for line in capsys.readouterr().out.splitlines()]
+    assert trained == [
+        f"digits-classification-{cell}-s{seed}"
+        for cell in ("inside-b64-lr2", "above-b64-lr4.5", "far-b64-lr6.75")
+        for seed in (1, 2)
     ]
     run = study.run_at(study.load_grid(grid), {**(study.load_grid(grid).runs()[0].labels)}, 6.75)
     assert "optim.lr=6.75" in run.overrides and run.name.endswith("-lr6.75-s0")
@@ -181,6 +185,7 @@ optimizers: {{inside: {{overrides: {{optim.name: lars}}}}, above: {{overrides: {
     table = (out / "table.md").read_text()
     assert "best of 3 to 5 target LRs per cell" in table
     assert "| far | 64 | 6.75 * (edge ↑) |" in table and "| above | 64 | 4.5 * |" in table
-    assert "- Classification, seed 1: the best LR of each of the 3 (optimizer, batch)" in table
+    assert "- Classification, seed 2: the best LR of each of the 3 (optimizer, batch)" in table
+    assert "seed 0: all 9 cells (every target LR), and 4 edge extensions" in table
     # --extend-edges chooses on seed 0 only.
     assert main(["run", "--grid", str(grid), "--extend-edges", "2", "--seeds", "1"]) == 2

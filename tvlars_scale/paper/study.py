@@ -15,7 +15,8 @@ CSV, JSON) and a plot of accuracy against batch size per optimizer::
     python -m tvlars_scale.paper.study summarize runs/digits_regime --out results/digits_regime
 
 Runs go seed by seed (all of seed 0, then seed 1, ...), classification before Barlow Twins, so a
-study stopped by its time budget holds whole seeds, never a partial grid for one seed.
+study stopped by its time budget holds whole seeds, never a partial grid for one seed; the further
+seeds at each cell's best LR (``--best-lr-only``) go cell by cell, so it holds whole cells.
 """
 
 from __future__ import annotations
@@ -267,13 +268,16 @@ def run_study(args: argparse.Namespace) -> int:
         best = best_lrs(collect(root))
         runs = [run_at(grid, run.labels, best[_cell_key(run.labels)])
                 for run in runs if _cell_key(run.labels) in best]  # fmt: skip
-        runs = list(dict.fromkeys(runs))  # one per (cell, seed): the grid lists each of its LRs
+        # One per (cell, seed) (the grid lists each of its LRs), cell by cell in the grid's order
+        # (its seeds innermost): a study stopped early has every seed of the cells it reached.
+        runs = list(dict.fromkeys(runs))
     deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes else math.inf
     try:
         if args.extend_edges is not None:
             failures = _extend_edges(grid, runs, root, args, deadline)
         else:
-            failures, _ = _train(ordered(runs, args.middle_lr_first), root, args, deadline)
+            order = runs if args.best_lr_only else ordered(runs, args.middle_lr_first)
+            failures, _ = _train(order, root, args, deadline)
     except Preempted:
         return 1
     return 1 if failures else 0
@@ -462,30 +466,33 @@ def plot(
     plt.close(figure)
 
 
-def coverage(rows: list[dict], grid_cells: set[tuple]) -> tuple[list[dict], list[str]]:
-    """The rows kept and one line per (task, seed) saying what it covers. Seed 0 is kept as it
-    is (every LR, or the cells it has); a further seed only when it covers every cell's best LR
-    (a seed stopped half-way by the time budget is dropped, so no cell mixes seed counts)."""
+def coverage(rows: list[dict], grid_cells: set[tuple]) -> list[str]:
+    """One line per (task, seed) saying what it covers: seed 0, the grid's cells (every target
+    LR); a further seed, the cells whose best LR on seed 0 it has run, naming those it has not
+    (a study stopped part-way, or a best LR moved by an edge extension and not yet rerun): their
+    table entries then average fewer seeds, and say so."""
     best = best_lrs(rows)
-    kept, lines = [], []
+    lines = []
     tasks = sorted({row["task"] for row in rows}, key=lambda t: (t not in TASK_ORDER, t))
     for task in tasks:
         full = {c for c in grid_cells if c[0] == task}
         chosen = {(*key, lr) for key, lr in best.items() if key[0] == task}
         for seed in sorted({row["seed"] for row in rows if row["task"] == task}):
-            mine = [row for row in rows if (row["task"], row["seed"]) == (task, seed)]
-            have = {(*_cell_key(row), row["lr"]) for row in mine}
-            if have >= full:
-                what, keep = f"all {len(full)} cells (every target LR)", True
-            elif seed == 0:
-                what, keep = f"{len(have & full)} of {len(full)} cells (INCOMPLETE)", True
+            have = {(*_cell_key(row), row["lr"]) for row in rows
+                    if (row["task"], row["seed"]) == (task, seed)}  # fmt: skip
+            if seed == 0:
+                what = (f"all {len(full)} cells (every target LR)" if have >= full
+                        else f"{len(have & full)} of {len(full)} cells (INCOMPLETE)")  # fmt: skip
+                if have - full:
+                    what += f", and {len(have - full)} edge extensions"
             elif have >= chosen:
-                what, keep = f"the best LR of each of the {len(chosen)} (optimizer, batch)", True
+                what = f"the best LR of each of the {len(chosen)} (optimizer, batch)"
             else:
-                what, keep = f"{len(have)} runs, not every best-LR cell: dropped", False
+                missing = sorted(f"{c[1]}/{c[2]}" for c in chosen - have)
+                what = (f"the best LR of {len(chosen & have)} of the {len(chosen)} (optimizer, "
+                        f"batch); not yet: {', '.join(missing)}")  # fmt: skip
             lines.append(f"- {TASK_TITLES.get(task, task)}, seed {seed}: {what}")
-            kept += mine if keep else []
-    return kept, lines
+    return lines
 
 
 def random_init_reference(grid, seeds: list[int]) -> dict[int, float]:
@@ -524,7 +531,7 @@ def summarize(args: argparse.Namespace) -> int:
         print(f"study error: {args.runs_dir}: no finished runs", file=sys.stderr)
         return 2
     grid_cells = {(*_cell_key(run.labels), float(run.labels["lr"])) for run in grid.runs()}
-    rows, lines = coverage(rows, grid_cells)
+    lines = coverage(rows, grid_cells)
     cells = aggregate(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     bt_seeds = sorted({row["seed"] for row in rows if row["task"] == "barlow_twins"})
