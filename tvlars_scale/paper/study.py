@@ -10,16 +10,20 @@ CSV, JSON) and a plot of accuracy against batch size per optimizer::
 
     OMP_NUM_THREADS=1 python -m tvlars_scale.paper.study run --grid configs/digits_regime.yaml \\
         [--seeds 0 1 2] [--filter task=classification ...] [--budget-minutes 45]
+    ... run --grid G --extend-edges 2        # seed 0: move each cell's LR range off its best
+    ... run --grid G --best-lr-only --seeds 1 2   # further seeds at each cell's best LR
     python -m tvlars_scale.paper.study summarize runs/digits_regime --out results/digits_regime
 
 Runs go seed by seed (all of seed 0, then seed 1, ...), classification before Barlow Twins, so a
-study stopped by its time budget holds whole seeds, never a partial grid for one seed.
+study stopped by its time budget holds whole seeds, never a partial grid for one seed; the further
+seeds at each cell's best LR (``--best-lr-only``) go cell by cell, so it holds whole cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -133,19 +137,71 @@ def run_one(run: Run, output_dir: Path, extra: list[str], sharpness: dict | None
     return metrics
 
 
-def run_study(args: argparse.Namespace) -> int:
-    register_small_model()
-    register_small_resnets()
-    grid = load_grid(args.grid)
-    runs = select(grid.runs(), parse_filters(args.filter))
-    if args.seeds is not None:
-        runs = [run for run in runs if int(run.labels["seed"]) in args.seeds]
-    root = Path(args.output_root or grid.output_root)
-    if args.best_lr_only:
-        best = best_lrs(collect(root))
-        runs = [run for run in runs if best.get(_cell_key(run.labels)) == float(run.labels["lr"])]
-    runs = ordered(runs, args.middle_lr_first)
-    deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes else math.inf
+def run_at(grid, labels: dict, lr: float) -> Run:
+    """The run of ``labels``' (dataset, task, optimizer, batch, seed) at target LR ``lr``, which
+    need not be one of the grid's: the same overrides, name and directory scheme as the grid's."""
+    optimizer = labels["optimizer"]
+    spec = {**grid.optimizers[optimizer], "batch_lrs": {int(labels["batch"]): [lr]}}
+    one = dataclasses.replace(grid, optimizers={optimizer: spec}, seeds=[int(labels["seed"])])
+    (run,) = select(one.runs(), {key: {labels[key]} for key in ("dataset", "task")})
+    return run
+
+
+def seed_lrs(rows: list[dict], seed: int = 0) -> dict[tuple[str, str, int], list[float]]:
+    """(task, optimizer, batch) -> the target LRs finished on ``seed``, ascending."""
+    lrs = defaultdict(set)
+    for row in rows:
+        if row["seed"] == seed:
+            lrs[_cell_key(row)].add(row["lr"])
+    return {key: sorted(values) for key, values in lrs.items()}
+
+
+def edge(lrs: list[float], best: float) -> str | None:
+    """``"low"`` / ``"high"`` where ``best`` is the lowest / highest of the cell's ``lrs`` (the
+    optimum may lie beyond: the range has not bracketed it), ``None`` where it is inside,
+    ``"single"`` where only one LR has run."""
+    if len(lrs) == 1:
+        return "single"
+    if best == lrs[0]:
+        return "low"
+    return "high" if best == lrs[-1] else None
+
+
+def _three_digits(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def edge_extensions(
+    rows: list[dict], grid_lrs: dict[tuple[str, str, int], list[float]], max_extensions: int
+) -> tuple[dict[tuple[str, str, int], float], list[tuple[str, str, int]]]:
+    """The next seed-0 LR of each cell of ``grid_lrs`` whose best LR on seed 0 is still the lowest
+    or highest it has run: one step outward by the cell's own ratio at that edge (the edge LR over
+    its neighbour's; three significant digits). A cell waits until the grid's LRs have all
+    finished; it stops at ``max_extensions`` LRs beyond the grid's range (returned as capped).
+    Returns ({cell: next LR}, [capped cells])."""
+    best, done = best_lrs(rows), seed_lrs(rows)
+    todo, capped = {}, []
+    for cell, grid_range in grid_lrs.items():
+        lrs = done.get(cell, [])
+        if len(grid_range) < 2 or not set(grid_range) <= set(lrs) or cell not in best:
+            continue  # no ratio to step by, the grid's own LRs unfinished, or every run diverged
+        side = edge(lrs, best[cell])
+        if side is None:
+            continue
+        step = lrs[0] / lrs[1] if side == "low" else lrs[-1] / lrs[-2]
+        outward = _three_digits(best[cell] * step)
+        if len(set(lrs) - set(grid_range)) >= max_extensions or outward in lrs:
+            capped.append(cell)
+        else:
+            todo[cell] = outward
+    return todo, capped
+
+
+def _train(
+    runs: list[Run], root: Path, args: argparse.Namespace, deadline: float
+) -> tuple[int, bool]:
+    """Trains the unfinished ``runs`` in order. Returns (failures, whether the time budget
+    stopped it); raises :class:`Preempted` on a signal."""
     sharpness = dict(samples=args.sharpness_samples, max_iterations=args.sharpness_iterations,
                      rtol=args.sharpness_rtol)  # fmt: skip
     failures = 0
@@ -157,7 +213,7 @@ def run_study(args: argparse.Namespace) -> int:
             continue
         if time.monotonic() > deadline:
             print(f"budget spent: stopped before {run.name} ({len(runs) - index + 1} left)")
-            break
+            return failures, True
         # No accumulation: the digits CNN has no batch statistics, so micro = global changes no
         # gradient, and Barlow Twins' exact accumulation would only add forwards.
         extra = [f"batch.micro_batch_size={run.labels['batch']}", "run.overwrite=true", *args.set]
@@ -166,7 +222,7 @@ def run_study(args: argparse.Namespace) -> int:
             metrics = run_one(run, output_dir, extra, sharpness if measure else None)
         except Preempted:
             print(f"[{index}/{len(runs)}] {run.name}: preempted; the study stops", flush=True)
-            return 1
+            raise
         except Exception as error:  # one failed run must not end the study
             failures += 1
             print(f"[{index}/{len(runs)}] {run.name}: FAILED: {error}", flush=True)
@@ -175,6 +231,55 @@ def run_study(args: argparse.Namespace) -> int:
         value = final.get(METRIC_BY_TASK.get(run.labels["task"], "test_accuracy"), float("nan"))
         print(f"[{index}/{len(runs)}] {run.name}: top-1 {100 * value:.2f} "
               f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+    return failures, False
+
+
+def _extend_edges(grid, runs: list[Run], root: Path, args, deadline: float) -> int:
+    """Seed 0 of ``runs``' cells: their grid LRs, then rounds of :func:`edge_extensions` until no
+    cell's best is at an edge or every such cell is capped."""
+    runs = [run for run in runs if run.labels["seed"] == "0"]
+    failures, stopped = _train(ordered(runs, args.middle_lr_first), root, args, deadline)
+    labels, grid_lrs = {}, defaultdict(list)
+    for run in runs:
+        labels.setdefault(_cell_key(run.labels), run.labels)
+        grid_lrs[_cell_key(run.labels)].append(float(run.labels["lr"]))
+    while not failures and not stopped:
+        todo, capped = edge_extensions(collect(root), grid_lrs, args.extend_edges)
+        if not todo:
+            for cell in capped:
+                print(f"{'/'.join(map(str, cell))}: best LR still at an edge after "
+                      f"{args.extend_edges} extensions (the cap)", flush=True)  # fmt: skip
+            break
+        extension = [run_at(grid, labels[cell], lr) for cell, lr in todo.items()]
+        failures, stopped = _train(extension, root, args, deadline)
+    return failures
+
+
+def run_study(args: argparse.Namespace) -> int:
+    register_small_model()
+    register_small_resnets()
+    grid = load_grid(args.grid)
+    runs = select(grid.runs(), parse_filters(args.filter))
+    if args.seeds is not None:
+        runs = [run for run in runs if int(run.labels["seed"]) in args.seeds]
+    root = Path(args.output_root or grid.output_root)
+    if args.best_lr_only:
+        # Each cell's best LR on seed 0 among its finished runs, an edge extension's included.
+        best = best_lrs(collect(root))
+        runs = [run_at(grid, run.labels, best[_cell_key(run.labels)])
+                for run in runs if _cell_key(run.labels) in best]  # fmt: skip
+        # One per (cell, seed) (the grid lists each of its LRs), cell by cell in the grid's order
+        # (its seeds innermost): a study stopped early has every seed of the cells it reached.
+        runs = list(dict.fromkeys(runs))
+    deadline = time.monotonic() + 60 * args.budget_minutes if args.budget_minutes else math.inf
+    try:
+        if args.extend_edges is not None:
+            failures = _extend_edges(grid, runs, root, args, deadline)
+        else:
+            order = runs if args.best_lr_only else ordered(runs, args.middle_lr_first)
+            failures, _ = _train(order, root, args, deadline)
+    except Preempted:
+        return 1
     return 1 if failures else 0
 
 
@@ -233,7 +338,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """One row per (task, optimizer, batch, lr): mean / std over seeds, and the best LR marked
-    (the best top-1 of seed 0 among the batch's three LRs: :func:`best_lrs`)."""
+    (the best top-1 of seed 0 among the cell's LRs: :func:`best_lrs`), with its ``edge``
+    (``"low"`` / ``"high"`` where it is the lowest / highest LR run on seed 0: :func:`edge`)."""
     groups = defaultdict(list)
     for row in rows:
         groups[(row["task"], row["optimizer"], row["batch"], row["lr"])].append(row)
@@ -246,12 +352,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "task": task, "optimizer": optimizer, "batch": batch, "lr": lr,
                 "seeds": len(members), "top1_mean": round(top1, 3), "top1_std": round(top1_std, 3),
                 "sharpness_mean": round(statistics.fmean(sharp), 4) if sharp else None,
-                "sharpness_runs": len(sharp), "best_lr": False,
+                "sharpness_runs": len(sharp), "best_lr": False, "edge": None,
             }
         )  # fmt: skip
-    chosen = best_lrs(rows)
+    chosen, tried = best_lrs(rows), seed_lrs(rows)
     for cell in cells:
         cell["best_lr"] = chosen.get(_cell_key(cell)) == cell["lr"]
+        if cell["best_lr"]:
+            cell["edge"] = edge(tried[_cell_key(cell)], cell["lr"])
     return sorted(cells, key=lambda c: (c["task"], c["optimizer"], c["batch"], c["lr"]))
 
 
@@ -262,22 +370,29 @@ def _accuracy(cell: dict) -> str:
     return f"{cell['top1_mean']:.2f} ± {cell['top1_std']:.2f} ({cell['seeds']})"
 
 
+EDGE_MARKS = {"low": " (edge ↓)", "high": " (edge ↑)", "single": " (one LR)", None: ""}
+
+
 def render_markdown(
-    cells: list[dict], optimizers: list[str], test_split: str = "the 360 test images"
+    cells: list[dict],
+    optimizers: list[str],
+    test_split: str = "the 360 test images",
+    complete: bool = True,
 ) -> str:
+    """``complete``: seed 0 has run every LR of the grid (else the headings say "so far")."""
     out = []
     tasks = [t for t in TASK_ORDER if any(c["task"] == t for c in cells)]
     for task in tasks:
         mine = [c for c in cells if c["task"] == task]
         batches = sorted({c["batch"] for c in mine})
         present = [o for o in optimizers if any(c["optimizer"] == o for c in mine)]
-        lrs_run = Counter((c["optimizer"], c["batch"]) for c in mine)
-        if set(lrs_run.values()) == {3}:
-            what = "best of three target LRs per cell"
+        lrs_run = Counter((c["optimizer"], c["batch"]) for c in mine).values()
+        low, high = min(lrs_run), max(lrs_run)
+        span = f"{low} to {high}" if high > low else f"{low}"
+        if complete:
+            what = f"best of {span} target LRs per cell"
         else:  # a study stopped early: say so in the heading, not only in the coverage lines
-            low, high = min(lrs_run.values()), max(lrs_run.values())
-            span = f"{low} to {high}" if high > low else f"{low}"
-            what = f"best of the target LRs run so far per cell ({span} of 3)"
+            what = f"best of the target LRs run so far per cell ({span}; seed 0 INCOMPLETE)"
         out += [f"### {TASK_TITLES.get(task, task)}: {what}", ""]
         out += ["| optimizer | " + " | ".join(f"B={b}" for b in batches) + " |"]
         out += ["|---|" + "---|" * len(batches)]
@@ -293,8 +408,8 @@ def render_markdown(
                 sharp = (
                     f"; λmax {c['sharpness_mean']:.3g}" if c["sharpness_mean"] is not None else ""
                 )
-                line.append(f"{_accuracy(c)} "
-                            f"@ lr {format_number(c['lr'])}{sharp}")  # fmt: skip
+                line.append(f"{_accuracy(c)} @ lr {format_number(c['lr'])}"
+                            f"{EDGE_MARKS[c['edge']]}{sharp}")  # fmt: skip
             out.append("| " + " | ".join(line) + " |")
         out.append("")
         out += [f"#### {TASK_TITLES.get(task, task)}: every cell", ""]
@@ -303,14 +418,15 @@ def render_markdown(
         for c in sorted(mine, key=lambda c: (present.index(c["optimizer"]), c["batch"], c["lr"])):
             sharp = (f"{c['sharpness_mean']:.4g} ({c['sharpness_runs']})"
                      if c["sharpness_mean"] is not None else "—")  # fmt: skip
-            mark = " *" if c["best_lr"] else ""
+            mark = f" *{EDGE_MARKS[c['edge']]}" if c["best_lr"] else ""
             out.append(f"| {c['optimizer']} | {c['batch']} | {format_number(c['lr'])}{mark} | "
                        f"{_accuracy(c)} | {sharp} |")  # fmt: skip
         out.append("")
     out.append(f"Top-1 accuracy (%) on {test_split}; classification: the classifier, Barlow "
                "Twins: a linear classifier on the frozen backbone. λmax: the largest Hessian "
                "eigenvalue of the training loss at the final weights (mean over the runs that "
-               "measured it). * = the best LR of its batch.")  # fmt: skip
+               "measured it). * = the best LR of its batch (on seed 0); edge ↓ / ↑: that best "
+               "is the lowest / highest LR run, so the range has not bracketed the optimum.")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -350,30 +466,33 @@ def plot(
     plt.close(figure)
 
 
-def coverage(rows: list[dict], grid_cells: set[tuple]) -> tuple[list[dict], list[str]]:
-    """The rows kept and one line per (task, seed) saying what it covers. Seed 0 is kept as it
-    is (every LR, or the cells it has); a further seed only when it covers every cell's best LR
-    (a seed stopped half-way by the time budget is dropped, so no cell mixes seed counts)."""
+def coverage(rows: list[dict], grid_cells: set[tuple]) -> list[str]:
+    """One line per (task, seed) saying what it covers: seed 0, the grid's cells (every target
+    LR); a further seed, the cells whose best LR on seed 0 it has run, naming those it has not
+    (a study stopped part-way, or a best LR moved by an edge extension and not yet rerun): their
+    table entries then average fewer seeds, and say so."""
     best = best_lrs(rows)
-    kept, lines = [], []
+    lines = []
     tasks = sorted({row["task"] for row in rows}, key=lambda t: (t not in TASK_ORDER, t))
     for task in tasks:
         full = {c for c in grid_cells if c[0] == task}
         chosen = {(*key, lr) for key, lr in best.items() if key[0] == task}
         for seed in sorted({row["seed"] for row in rows if row["task"] == task}):
-            mine = [row for row in rows if (row["task"], row["seed"]) == (task, seed)]
-            have = {(*_cell_key(row), row["lr"]) for row in mine}
-            if have >= full:
-                what, keep = f"all {len(full)} cells (every target LR)", True
-            elif seed == 0:
-                what, keep = f"{len(have & full)} of {len(full)} cells (INCOMPLETE)", True
+            have = {(*_cell_key(row), row["lr"]) for row in rows
+                    if (row["task"], row["seed"]) == (task, seed)}  # fmt: skip
+            if seed == 0:
+                what = (f"all {len(full)} cells (every target LR)" if have >= full
+                        else f"{len(have & full)} of {len(full)} cells (INCOMPLETE)")  # fmt: skip
+                if have - full:
+                    what += f", and {len(have - full)} edge extensions"
             elif have >= chosen:
-                what, keep = f"the best LR of each of the {len(chosen)} (optimizer, batch)", True
+                what = f"the best LR of each of the {len(chosen)} (optimizer, batch)"
             else:
-                what, keep = f"{len(have)} runs, not every best-LR cell: dropped", False
+                missing = sorted(f"{c[1]}/{c[2]}" for c in chosen - have)
+                what = (f"the best LR of {len(chosen & have)} of the {len(chosen)} (optimizer, "
+                        f"batch); not yet: {', '.join(missing)}")  # fmt: skip
             lines.append(f"- {TASK_TITLES.get(task, task)}, seed {seed}: {what}")
-            kept += mine if keep else []
-    return kept, lines
+    return lines
 
 
 def random_init_reference(grid, seeds: list[int]) -> dict[int, float]:
@@ -412,7 +531,7 @@ def summarize(args: argparse.Namespace) -> int:
         print(f"study error: {args.runs_dir}: no finished runs", file=sys.stderr)
         return 2
     grid_cells = {(*_cell_key(run.labels), float(run.labels["lr"])) for run in grid.runs()}
-    rows, lines = coverage(rows, grid_cells)
+    lines = coverage(rows, grid_cells)
     cells = aggregate(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     bt_seeds = sorted({row["seed"] for row in rows if row["task"] == "barlow_twins"})
@@ -422,8 +541,9 @@ def summarize(args: argparse.Namespace) -> int:
         lines.append(f"- Barlow Twins reference: the same linear evaluation of the backbone at "
                      f"its random initialisation (no pretraining): {values}")  # fmt: skip
     seeds_note = "\n".join(["", "Runs per task and seed:", *lines, ""])
+    complete = {(*_cell_key(row), row["lr"]) for row in rows if row["seed"] == 0} >= grid_cells
     (args.out / "table.md").write_text(
-        render_markdown(cells, optimizers, args.test_split) + seeds_note
+        render_markdown(cells, optimizers, args.test_split, complete) + seeds_note
     )
     with open(args.out / "table.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(cells[0]))
@@ -458,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="only each (task, optimizer, batch)'s best LR on seed 0 (finished runs)")  # fmt: skip
     run.add_argument("--middle-lr-first", action="store_true",
                      help="each cell's middle target LR first, then the others (per seed)")  # fmt: skip
+    run.add_argument("--extend-edges", type=int, metavar="MAX",
+                     help="seed 0: then, while a cell's best LR is its lowest / highest, one more "
+                          "LR outward by its ratio, at most MAX beyond the grid's per cell")  # fmt: skip
     run.add_argument("--budget-minutes", type=float, help="start no run after this many minutes")
     run.add_argument("--sharpness-seeds", type=int, nargs="*", default=[0],
                      help="seeds whose runs measure sharpness (default: 0)")  # fmt: skip
@@ -472,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
                          help="what the table's note says the accuracy is measured on")  # fmt: skip
     try:
         args = parser.parse_args(argv)
+        if args.action == "run" and args.extend_edges is not None:
+            if args.extend_edges < 1:
+                raise GridError(f"--extend-edges {args.extend_edges}: must be at least 1")
+            if args.best_lr_only or (args.seeds is not None and args.seeds != [0]):
+                raise GridError("--extend-edges: seed 0 only (the LR is chosen on seed 0); "
+                                "no --best-lr-only, no --seeds other than 0")  # fmt: skip
         return run_study(args) if args.action == "run" else summarize(args)
     except GridError as error:
         print(f"study error: {error}", file=sys.stderr)
