@@ -1,4 +1,4 @@
-"""What each rank runs for test_ema_clip.py: gradient clipping and the moving average of the weights
+"""What each rank runs for test_ema_clip_ranks.py: gradient clipping and the moving average of the weights
 under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, in ONE launch of two ranks, on tiny_training's model and
 batches; the one-process reference (:func:`reference`) runs in the test process."""
 

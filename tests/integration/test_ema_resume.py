@@ -1,6 +1,6 @@
 """run.ema through the trainer: a killed run resumes bitwise, its moving average included, and a
 two-rank ZeRO-2 checkpoint with an average resumes on one process (the per-layer exactness of that
-load: tests/distributed/test_ema_clip.py)."""
+load: tests/distributed/test_ema_clip_ranks.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """run.ema (a moving average of the weights) and optim.grad_clip in one process, against timm's
 ModelEmaV3 and torch's clip_grad_norm_; the per-layer checkpoint payload with the average; the keys'
-validation. The sharded engines are compared with one process in tests/distributed/test_ema_clip.py."""
+validation. The sharded engines are compared with one process in tests/distributed/test_ema_clip_ranks.py."""
 
 from __future__ import annotations
 
