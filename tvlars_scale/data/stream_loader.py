@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvlars_scale.data.decode import (
     BadImageError,
+    Box,
     center_crop_box,
     decode_crop,
     image_size,
@@ -93,16 +94,23 @@ class Transform:
         self.eval_resize = eval_resize or round(size / 0.875)
 
     def __call__(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
+        box, flip = self.params(data, epoch, index)
+        return decode_crop(data, box, self.size, flip=flip)
+
+    def params(self, data: bytes, epoch: int, index: int) -> tuple[Box, bool]:
+        """The sample's crop box (full-size pixels) and flip, from its header and (seed, epoch,
+        index) alone: what any decoder (this one, data.decoder=dali) crops and mirrors."""
         width, height = image_size(data)
         if not self.train:
-            return decode_crop(
-                data, center_crop_box(width, height, self.size, self.eval_resize), self.size
-            )
+            return center_crop_box(width, height, self.size, self.eval_resize), False
         # One generator per (seed, epoch, sample): no state shared between samples or workers.
         rng = np.random.default_rng([self.seed, epoch, int(index)])
         box = random_resized_crop(width, height, rng, self.crop_scale)
-        flip = self.flip and rng.random() < 0.5
-        return decode_crop(data, box, self.size, flip=flip)
+        return box, bool(self.flip and rng.random() < 0.5)
+
+    def empty(self, batch: int) -> torch.Tensor:
+        """Where a worker writes a micro batch of ``__call__``'s outputs."""
+        return torch.empty((batch, 3, self.size, self.size), dtype=torch.uint8)
 
 
 class UnreadableImageError(DataError):
@@ -127,8 +135,7 @@ class _MicroBatches(Dataset):
         value, so the training process raises it as one line (the DataLoader would re-raise a
         worker's exception with both tracebacks in its message)."""
         epoch, row, padding = item
-        size = self.transform.size
-        images = torch.empty((len(row), 3, size, size), dtype=torch.uint8)
+        images = self.transform.empty(len(row))
         labels = torch.empty(len(row), dtype=torch.int64)
         skipped: list[str] = []
         try:
