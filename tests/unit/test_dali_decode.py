@@ -103,6 +103,27 @@ def test_the_same_boxes_flips_and_order_as_the_cpu_path(dali, tree, train):
     assert 0 < flips < len(source) if train else flips == 0
 
 
+def test_grayscale_cmyk_and_png_decode_to_the_rgb_of_the_cpu_path(dali):
+    from tvlars_scale.data.dali_decode import DaliDecoder
+
+    def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **kwargs)
+        return buffer.getvalue()
+
+    decoder = DaliDecoder(8, 3, torch.device("cpu"), num_threads=1, seed=0)
+    batch = [
+        encode(Image.new("L", (40, 30), 90), "JPEG", quality=95),
+        encode(Image.new("CMYK", (40, 30), (0, 200, 200, 0)), "JPEG", quality=95),
+        encode(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG"),  # ImageNet's PNG named .JPEG
+    ]
+    box = (0, 0, 40, 30)
+    images = decoder([(data, box, False, index) for index, data in enumerate(batch)])
+    for data, image in zip(batch, images, strict=True):
+        expected = decode_crop(data, box, 8).double().mean(dim=(1, 2))
+        assert torch.allclose(image.double().mean(dim=(1, 2)), expected, atol=1), expected
+
+
 def test_resume_mid_epoch_with_two_workers_gives_the_same_batches_bitwise(dali, tree):
     from tvlars_scale.data.dali_decode import DaliStreamingLoader
 
