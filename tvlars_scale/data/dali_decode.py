@@ -20,6 +20,7 @@ the decoder is built.
 
 from __future__ import annotations
 
+import atexit
 import re
 from collections.abc import Iterator
 
@@ -132,6 +133,10 @@ class DaliStreamingLoader(StreamingLoader):
 
     def _host_batches(self) -> Iterator:
         if self._decoder is None:
+            # A run through DALI ended with its decode workers alive at exit (they ignore SIGTERM)
+            # and multiprocessing's exit handler joined them forever: stop them first (atexit
+            # runs the handlers registered last first).
+            atexit.register(self._stop_workers)
             self._decoder = DaliDecoder(
                 self.transform.size,
                 self.micro_batch_size,
@@ -155,6 +160,11 @@ class DaliStreamingLoader(StreamingLoader):
                 yield None, None, skipped, error
                 return
             yield images, labels, skipped, None
+
+    def _stop_workers(self) -> None:
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _unreadable(self, message: str, plans: list[Planned]) -> str:
         """One line for DALI's multi-line error: the file (DALI names the sample of the batch) and
