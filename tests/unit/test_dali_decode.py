@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -220,3 +222,20 @@ def test_a_run_trains_and_evaluates_through_dali_as_through_the_cpu_path(dali, t
     assert dali_run["num_steps"] == cpu["num_steps"] == 3
     # The same samples, crops and flips: the losses differ by the pixels' rounding only.
     assert dali_run["final"]["test_loss"] == pytest.approx(cpu["final"]["test_loss"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_the_command_line_exits_after_a_run_with_decode_workers(dali, tree, tmp_path):
+    """The workers ignore SIGTERM (pre-emption): a run that left them alive hung at exit, in
+    multiprocessing's exit handler. A process of its own, as a user's run."""
+    config = write_config(tmp_path, tree, decoder="dali", num_workers=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    completed = subprocess.run(
+        [sys.executable, "-m", "tvlars_scale.train", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").exists()
