@@ -38,6 +38,7 @@ from tvlars_scale.data import (
     Transform,
     load_image_data,
 )
+from tvlars_scale.data.dali_decode import DaliStreamingLoader
 from tvlars_scale.data.policies import SampleAugment
 from tvlars_scale.data.ssl_decode import TwoViewTransform
 from tvlars_scale.data.ssl_views import barlow_twins_recipe
@@ -264,7 +265,8 @@ def _streaming_loaders(
         train_transform = TwoViewTransform(recipe, seed=seed)
     eval_transform = Transform(data.image_size, train=False, eval_resize=cfg.eval_resize)
     split = (plan.micro_batch_size, rank, plan.world_size)
-    train = StreamingLoader(
+    loader_class = DaliStreamingLoader if cfg.decoder == "dali" else StreamingLoader
+    train = loader_class(
         data.train,
         train_transform,
         *split,
@@ -275,7 +277,7 @@ def _streaming_loaders(
         global_batch_size=plan.global_batch_size,
         **workers,
     )
-    evaluation = StreamingLoader(
+    evaluation = loader_class(
         data.test, eval_transform, *split, shuffle=False, drop_last=False, **workers
     )
     return train, evaluation

@@ -196,6 +196,11 @@ class DataConfig(_Section):
     bad_images: Literal["error", "skip"] = "error"
     """Streaming: a truncated or unreadable image stops the run with an error naming the file
     (error), or is replaced by the next readable sample of the dataset and counted (skip)."""
+    decoder: Literal["cpu", "dali"] = "cpu"
+    """Streaming: who decodes, crops, resizes and flips the JPEGs: cpu (libjpeg-turbo in the
+    DataLoader workers) or dali (NVIDIA DALI: nvJPEG on the GPU, DALI's CPU decoder without one;
+    pip install 'tvlars_scale[dali]'). The same crops, flips, order and resume either way; the
+    pixels differ by the decoders' rounding (README, "GPU JPEG decode")."""
     index: str | None = None
     """Streaming an image-folder tree: its index file (the listing of the tree, written once by
     rank 0 or ahead of the job by `tvlars-index ROOT --out FILE`, memory-mapped by every rank;
@@ -234,6 +239,7 @@ STREAMING_KEYS = (
     "num_workers",
     "prefetch_factor",
     "bad_images",
+    "decoder",
     "index",
 )
 """DataConfig keys that only the streaming path reads."""
@@ -678,10 +684,31 @@ def _check_data(config: Config) -> None:
             raise ConfigError(
                 "data.crop_scale", f"needs 0 < low <= high <= 1 (got {data.crop_scale})"
             )
+        if data.decoder == "dali":
+            # DALI decodes the boxes and flips only: the per-sample policies and Barlow Twins'
+            # two views are drawn and cut by the CPU decode path.
+            if config.task.name == "barlow_twins":
+                raise ConfigError("data.decoder", "dali decodes one view: Barlow Twins needs cpu")
+            if data.augment != "none":
+                raise ConfigError(
+                    "data.decoder", f"dali does not apply data.augment={data.augment}"
+                )
+            if not _dali_installed():
+                raise ConfigError(
+                    "data.decoder", "dali needs NVIDIA DALI (pip install 'tvlars_scale[dali]')"
+                )
         return
     for key in STREAMING_KEYS:
         if _differs_from_default(data, key):
             raise ConfigError(f"data.{key}", "is read by streaming only (data.storage: stream)")
+
+
+def _dali_installed() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401  (about a second; only when data.decoder is dali)
+    except ImportError:
+        return False
+    return True
 
 
 def _switch_variants(raw: dict, overrides: list[str] | tuple[str, ...]) -> None:

@@ -2,12 +2,14 @@
 
 The dry run hides any GPU and runs every part at a tiny size on the CPU: loop == foreach, the digits
 quick start killed and resumed (real processes, a real SIGKILL), the optimizer step timings and the
-three trainer-throughput processes (bare loop, plain trainer, trainer under DeepSpeed ZeRO-2). The
-CUDA-only checks must say they were skipped, never that they passed.
+three trainer-throughput processes (bare loop, plain trainer, trainer under DeepSpeed ZeRO-2) and the
+levers' settings (channels_last, compile, a streamed JPEG tree with CPU and, where installed, DALI
+decode). The CUDA-only checks must say they were skipped, never that they passed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -116,3 +118,24 @@ def test_trainer_throughput_runs_all_three_settings(dry_run):
     summary = entries["trainer_throughput/summary"]
     assert "trainer_plain/bare" in summary and "trainer_zero2/bare" in summary
     assert summary["effective_batch"] == "effective batch 32 = 8 micro x 4 accumulation x 1 rank"
+
+
+def test_levers_run_every_setting_and_each_installed_decoder(dry_run):
+    entries = dry_run[1]["entries"]
+    settings = ["synthetic/eager_nchw", "synthetic/channels_last", "synthetic/compile"]
+    settings += ["synthetic/both", "jpeg/both_cpu_decode"]
+    dali = importlib.util.find_spec("nvidia.dali") is not None
+    if dali:  # DALI's CPU pipeline in the dry run
+        settings.append("jpeg/both_dali_decode")
+    else:
+        status = entries["levers/jpeg/both_dali_decode"]["status"]
+        assert status.startswith("skipped: DALI is not installed"), status
+    for name in settings:
+        entry = entries[f"levers/{name}"]
+        assert entry["status"] == "measured (dry run)", (name, entry)
+        assert entry["images_per_s"] > 0 and entry["mfu"] == "n/a", (name, entry)
+        assert 0 <= entry["data_wait_fraction"] < 1, (name, entry)
+    summary = entries["levers/summary"]
+    ratios = ["channels_last_ratio", "compile_ratio", "both_ratio", "jpeg_cpu_decode_vs_synthetic"]
+    ratios += ["jpeg_dali_decode_vs_synthetic", "dali_vs_cpu_decode"] if dali else []
+    assert all(summary[key] > 0 for key in ratios), summary

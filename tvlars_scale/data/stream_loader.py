@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tvlars_scale.data.decode import (
     BadImageError,
+    Box,
     center_crop_box,
     decode_crop,
     image_size,
@@ -101,17 +102,27 @@ class Transform:
         return torch.empty((size, 3, self.size, self.size), dtype=torch.uint8)
 
     def __call__(self, data: bytes, epoch: int, index: int) -> torch.Tensor:
+        box, flip, rng = self._draw(data, epoch, index)
+        crop = decode_crop(data, box, self.size, flip=flip)
+        # data.augment continues the sample's generator after the crop and flip (training only).
+        return crop if self.augment is None or rng is None else self.augment(crop, rng)
+
+    def params(self, data: bytes, epoch: int, index: int) -> tuple[Box, bool]:
+        """The sample's crop box (full-size pixels) and flip, from its header and (seed, epoch,
+        index) alone: what any decoder (this one, data.decoder=dali) crops and mirrors."""
+        box, flip, _ = self._draw(data, epoch, index)
+        return box, flip
+
+    def _draw(
+        self, data: bytes, epoch: int, index: int
+    ) -> tuple[Box, bool, np.random.Generator | None]:
         width, height = image_size(data)
         if not self.train:
-            return decode_crop(
-                data, center_crop_box(width, height, self.size, self.eval_resize), self.size
-            )
+            return center_crop_box(width, height, self.size, self.eval_resize), False, None
         # One generator per (seed, epoch, sample): no state shared between samples or workers.
         rng = np.random.default_rng([self.seed, epoch, int(index)])
         box = random_resized_crop(width, height, rng, self.crop_scale)
-        flip = self.flip and rng.random() < 0.5
-        crop = decode_crop(data, box, self.size, flip=flip)
-        return crop if self.augment is None else self.augment(crop, rng)
+        return box, bool(self.flip and rng.random() < 0.5), rng
 
 
 class UnreadableImageError(DataError):
@@ -124,8 +135,8 @@ views of Barlow Twins, :class:`~tvlars_scale.data.ssl_views.DecodedViews`); a mi
 same with a first dimension."""
 
 
-def _put(batch: Sample, slot: int, sample: Sample) -> None:
-    if isinstance(batch, torch.Tensor):
+def _put(batch: Sample | list, slot: int, sample: Sample) -> None:
+    if isinstance(batch, torch.Tensor | list):  # a list: data.decoder=dali's planned samples
         batch[slot] = sample
         return
     for part, value in zip(batch, sample, strict=True):
