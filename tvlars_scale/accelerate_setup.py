@@ -234,15 +234,16 @@ def put_plan_into_deepspeed(
                 'set it to "auto"',
             )
         ds_config[key] = value
-    # Accelerate fills an "auto" gradient_clipping with 1.0; DeepSpeed clips as optim.grad_clip
-    # says, like the other paths (training.clip), and a JSON value that disagrees is refused.
+    # DeepSpeed clips as optim.grad_clip says, like the other paths (training.clip). The shipped
+    # JSONs say 0.0, not "auto": Accelerate alone fills "auto" with 1.0 and would silently clip.
+    # 0 or "auto" in the JSON leave it to optim.grad_clip; another number must agree with it.
     clip = grad_clip or 0.0
     current = ds_config.get("gradient_clipping", "auto")
-    if current not in ("auto", clip):
+    if current not in ("auto", 0, clip):
         raise ConfigError(
             "deepspeed.gradient_clipping",
             f"the DeepSpeed config says {current} but optim.grad_clip is {grad_clip}; set it to "
-            '"auto" (optim.grad_clip drives it)',
+            "0.0 (optim.grad_clip drives it)",
         )
     ds_config["gradient_clipping"] = clip
 

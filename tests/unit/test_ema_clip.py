@@ -206,7 +206,10 @@ def test_grad_clip_drives_deepspeeds_gradient_clipping():
         _deepspeed_config_after_plan({"gradient_clipping": "auto"}, 1.5)["gradient_clipping"] == 1.5
     )
     assert _deepspeed_config_after_plan({}, None)["gradient_clipping"] == 0.0
+    # The shipped JSONs' 0.0 (not "auto", which Accelerate alone makes 1.0) is the key's to set.
+    assert _deepspeed_config_after_plan({"gradient_clipping": 0.0}, 1.5)["gradient_clipping"] == 1.5
+    assert _deepspeed_config_after_plan({"gradient_clipping": 0.0}, None)["gradient_clipping"] == 0
     assert _deepspeed_config_after_plan({"gradient_clipping": 1.5}, 1.5)["gradient_clipping"] == 1.5
     with pytest.raises(ConfigError) as caught:
-        _deepspeed_config_after_plan({"gradient_clipping": 0.0}, 1.5)
+        _deepspeed_config_after_plan({"gradient_clipping": 2.0}, 1.5)
     assert caught.value.key == "deepspeed.gradient_clipping"
