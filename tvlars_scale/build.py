@@ -49,6 +49,7 @@ from tvlars_scale.tasks import Task
 from tvlars_scale.training.init_from import load_initial_weights
 
 __all__ = [
+    "LOOP_OPTIM_KEYS",
     "batch_plan",
     "image_data",
     "loaders",
@@ -57,6 +58,9 @@ __all__ = [
     "optimizer",
     "peak_lr",
 ]
+
+LOOP_OPTIM_KEYS = {"name", "grad_clip"}
+"""``optim`` keys the loop reads, not the optimizer's constructor (the loop clips: training.clip)."""
 
 # optim.name -> constructor taking (param groups, **the section's fields).
 _OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -322,7 +326,7 @@ def optimizer(
     the one epoch-valued field, TVLARS' ``delay_epochs`` (both variants), becomes ``delay_steps``
     from the real steps per epoch.
     """
-    kwargs = optim.model_dump(exclude={"name", "grad_clip"})  # the loop clips, not the optimizer
+    kwargs = optim.model_dump(exclude=LOOP_OPTIM_KEYS)
     kwargs["lr"] = lr
     if "delay_epochs" in kwargs:
         kwargs["delay_steps"] = epochs_to_steps(kwargs.pop("delay_epochs"), steps_per_epoch)

@@ -70,7 +70,7 @@ def task_and_model(root: str, exact: bool, rank: int):
 
 def streamed_batches(config, data, plan, rank: int):
     train, _ = build._streaming_loaders(
-        data, plan, torch.device("cpu"), rank, SEED, config.data, "barlow_twins"
+        data, plan, torch.device("cpu"), rank, SEED, config.data, None, "barlow_twins"
     )
     return iter(train)
 

@@ -91,7 +91,12 @@ STREAM = {  # as tests/integration/test_streaming_resume.py: 4 steps per epoch
 }
 # (sections, STRATEGY, epochs, checkpoint cadence). Neither is ZeRO: DeepSpeed on CPU JIT-builds its
 # shared-memory op under a lock in ~/.cache/torch_extensions that a killed build leaves behind.
-DATA = {"memory": (MEMORY, "ddp", 4, 10), "stream": (STREAM, "fsdp2", 5, 3)}
+# data kind -> (config sections, STRATEGY of the script, epochs, checkpoint every N steps)
+DATA = {
+    "memory": (MEMORY, "ddp", 4, 10),
+    "stream": (STREAM, "fsdp2", 5, 3),
+    "memory_zero2": (MEMORY, "zero2", 4, 10),
+}
 
 
 def write_config(directory: Path, data: str, name: str) -> tuple[Path, Path]:
@@ -167,7 +172,7 @@ def assert_same_end(run_dir: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.long
 @pytest.mark.timeout(3600)  # 2-3 launches; several minutes each when the cores are shared
-@pytest.mark.parametrize("data", ["memory", "stream"])
+@pytest.mark.parametrize("data", ["memory", "stream", "memory_zero2"])
 @pytest.mark.parametrize("delivery", ["cgroup_usr1", "time_limit_term"])
 def test_signalled_job_saves_requeues_itself_and_resumes_bitwise(
     workspace, reference, data, delivery

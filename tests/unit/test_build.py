@@ -41,7 +41,7 @@ def tiny_model() -> nn.Module:
 @pytest.mark.parametrize("section", OPTIM_CONFIGS, ids=lambda cls: cls.model_fields["name"].default)
 def test_optim_sections_hold_exactly_their_constructors_arguments(section):
     name = section.model_fields["name"].default
-    fields = set(section.model_fields) - {"name"}
+    fields = set(section.model_fields) - build.LOOP_OPTIM_KEYS
     fields = {"delay_steps" if field == "delay_epochs" else field for field in fields}
     arguments = set(inspect.signature(CONSTRUCTORS[name]).parameters) - NOT_CONFIGURED
     if name == "tvlars_official":  # phi_t = 1 / (0.1 + exp(lmbda (t + 1))) after the delay
