@@ -32,7 +32,7 @@ else
   #     warm-up; (e) edge extensions on seed 0 for the optimizers the paper's claims compare
   #     (TVLARS, LARS with and without warm-up, LAMB): each cell whose best LR is the lowest or
   #     highest it has run gets one more LR outward by the cell's own ratio; (f) seeds 1-2 where
-  #     (e) moved the best; (g), (h) the same for AdamW and SGD-Nesterov.
+  #     (e) moved the best; (g), (h) the same for AdamW and SGD-Nesterov; (i), (j) below.
   # An interrupted step resumed from the top may add seeds 1-2 at an intermediate best.
   # shellcheck disable=SC2086  # the filters are lists of arguments
   $run --seeds 0 --middle-lr-first $main
@@ -46,6 +46,12 @@ else
     # shellcheck disable=SC2086
     $run --best-lr-only --seeds 1 2 $optimizers
   done
+  # (i), (j) a second round of extensions (two per cell in all) for the compared optimizers, with
+  # seeds 1-2 where it moved the best.
+  # shellcheck disable=SC2086
+  $run --extend-edges 2 $claims
+  # shellcheck disable=SC2086
+  $run --best-lr-only --seeds 1 2 $claims
 fi
 $study summarize runs/fashion_regime --grid configs/fashion_regime.yaml --out results/fashion_regime \
   --test-split "the 10,000 Fashion-MNIST test images (14 px)"
