@@ -388,7 +388,7 @@ MUTANTS = (
     Mutant(
         "nonfinite_step_applied",
         "the trainer applies a step whose gradients are NaN",
-        "tvlars_scale/trainer.py",
+        "tvlars_scale/training/optimizer_step.py",
         "        if not gradients_are_finite(self.model.parameters()):\n",
         "        if False:\n",
         ("tests/integration/test_train.py::test_a_nonfinite_step_is_skipped_and_changes_nothing",),
@@ -411,12 +411,15 @@ MUTANTS = (
         (f"{UNIT}/test_batching.py::test_splits_that_leave_a_rest_take_every_sample_once",),
     ),
     Mutant(
-        "micro_batch_multiple_unchecked",
-        "config: global_batch_size not a multiple of micro_batch_size is accepted",
-        "tvlars_scale/config.py",
-        "    if batch.global_batch_size % batch.micro_batch_size:\n",
-        "    if False:\n",
-        (f"{UNIT}/test_config.py::test_invalid_values_name_the_key",),
+        "exchange_pieces_misrouted",
+        "resume at another world size: every cut piece sent to rank 0, not the rank holding it",
+        "tvlars_scale/checkpoint/reading.py",
+        "                    outbox[destination].append(_cut(run, first, end))\n",
+        "                    outbox[0].append(_cut(run, first, end))\n",
+        (
+            f"{UNIT}/test_checkpoint_scale.py::"
+            "test_at_another_world_size_each_saved_file_is_read_by_one_rank",
+        ),
     ),
     Mutant(
         "unknown_keys_ignored",
