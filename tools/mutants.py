@@ -447,14 +447,19 @@ def tree_files(repo: Path) -> list[str]:
         check=True,
         capture_output=True,
     ).stdout.decode()
-    return [name for name in listed.split("\0") if name and (repo / name).is_file()]
+    return [
+        name
+        for name in listed.split("\0")
+        if name and ((repo / name).is_file() or (repo / name).is_symlink())
+    ]
 
 
 def copy_tree(repo: Path, destination: Path) -> None:
     for name in tree_files(repo):
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo / name, target)
+        # A tracked link (configs/ -> tvlars_scale/configs/) stays a link, relative as committed.
+        shutil.copy2(repo / name, target, follow_symlinks=False)
 
 
 def test_env(tree: Path) -> dict[str, str]:
