@@ -164,32 +164,52 @@ def _elements(layout: ShardedLayout) -> set[tuple[str, int]]:
     }
 
 
+def _save_sharded(path: Path, model: nn.Module, unsharded: list, kind, world_size: int) -> list:
+    """``unsharded`` (one process's saved layers) cut by ``kind`` and saved by ``world_size``
+    threads as one checkpoint, with its geometry; the saving ranks' layouts."""
+
+    def save(rank: int, collectives) -> ShardedLayout:
+        layout = kind(model, world_size, rank)
+        sharded = SimpleNamespace(state={})
+        restore_layer_state(sharded, layout, unsharded)
+        save_checkpoint(
+            path,
+            1,
+            rank=rank,
+            world_size=world_size,
+            rank_payload={"layers": capture_layer_state(sharded, layout, owner=True)},
+            shared_payloads={"trainer.pt": {}, "model.pt": {}},
+            metadata={},
+            keep_last=1,
+            collectives=collectives,
+            geometry=saved_geometry(layout, owner=True, collectives=collectives),
+        )
+        return layout
+
+    return run_on_threads(world_size, save)
+
+
+def _assert_restored(restored, layout: ShardedLayout, unsharded: list, reference=None) -> None:
+    """``restored`` (into ``layout``) equals ``unsharded`` restored into ``reference`` (default:
+    ``layout`` itself), weights and optimizer state, bitwise."""
+    reference = reference or layout
+    expected = SimpleNamespace(state={})
+    restore_layer_state(expected, reference, unsharded)
+    for (tensor, _), (ref, _) in zip(layout.items(), reference.items(), strict=True):
+        assert torch.equal(tensor, ref)
+        state, reference_state = restored.state.get(tensor), expected.state.get(ref)
+        assert (state is None) == (reference_state is None)
+        for key, value in (reference_state or {}).items():
+            same = torch.equal(state[key], value) if torch.is_tensor(value) else None
+            assert same if same is not None else state[key] == value, key
+
+
 @pytest.mark.parametrize("kind", [_flat, _rows])
 def test_a_rank_reads_its_own_file_or_only_the_overlapping_ones(tmp_path, kind):
     model, optimizer = _model_and_optimizer()
     unsharded = [capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)]
     saved_world = 4
-
-    def save(rank: int, collectives) -> ShardedLayout:
-        layout = kind(model, saved_world, rank)
-        sharded = SimpleNamespace(state={})
-        restore_layer_state(sharded, layout, unsharded)
-        geometry = saved_geometry(layout, owner=True, collectives=collectives)
-        save_checkpoint(
-            tmp_path,
-            1,
-            rank=rank,
-            world_size=saved_world,
-            rank_payload={"layers": capture_layer_state(sharded, layout, owner=True)},
-            shared_payloads={},
-            metadata={},
-            keep_last=1,
-            collectives=collectives,
-            geometry=geometry,
-        )
-        return layout
-
-    saved_layouts = run_on_threads(saved_world, save)
+    saved_layouts = _save_sharded(tmp_path, model, unsharded, kind, saved_world)
     info = find_latest_complete(tmp_path)
     assert info.geometry is not None
     for rank in range(saved_world):  # same world size: its own file (none if it holds nothing)
@@ -206,14 +226,7 @@ def test_a_rank_reads_its_own_file_or_only_the_overlapping_ones(tmp_path, kind):
             restore_layer_state(
                 restored, layout, (load_file(info.path, rank_file(s))["layers"] for s in files)
             )
-            expected = SimpleNamespace(state={})
-            restore_layer_state(expected, layout, unsharded)
-            for (tensor, _), (reference, _) in zip(layout.items(), layout.items(), strict=True):
-                state, reference_state = restored.state.get(tensor), expected.state.get(reference)
-                assert (state is None) == (reference_state is None)
-                for key, value in (reference_state or {}).items():
-                    same = torch.equal(state[key], value) if torch.is_tensor(value) else None
-                    assert same if same is not None else state[key] == value, key
+            _assert_restored(restored, layout, unsharded)
 
 
 def _whole(model: nn.Module, world_size: int, rank: int) -> ShardedLayout:
@@ -234,25 +247,7 @@ def test_at_another_world_size_each_saved_file_is_read_by_one_rank(
     model, optimizer = _model_and_optimizer()
     unsharded = [capture_layer_state(optimizer, unsharded_layout(model, optimizer), owner=True)]
     saved_world = 4
-
-    def save(rank: int, collectives) -> None:
-        layout = saved_kind(model, saved_world, rank)
-        sharded = SimpleNamespace(state={})
-        restore_layer_state(sharded, layout, unsharded)
-        save_checkpoint(
-            tmp_path,
-            1,
-            rank=rank,
-            world_size=saved_world,
-            rank_payload={"layers": capture_layer_state(sharded, layout, owner=True)},
-            shared_payloads={"trainer.pt": {}, "model.pt": {}},
-            metadata={},
-            keep_last=1,
-            collectives=collectives,
-            geometry=saved_geometry(layout, owner=True, collectives=collectives),
-        )
-
-    run_on_threads(saved_world, save)
+    _save_sharded(tmp_path, model, unsharded, saved_kind, saved_world)
     info = find_latest_complete(tmp_path)
     opened: list[tuple[int, str]] = []
     original = builtins.open
@@ -276,16 +271,9 @@ def test_at_another_world_size_each_saved_file_is_read_by_one_rank(
         for thread, layout, restored in run_on_threads(world_size, restore):
             mine = [name for ident, name in opened if ident == thread]
             assert len(mine) <= math.ceil(saved_world / world_size), (world_size, mine)
-            expected = SimpleNamespace(state={})
-            reference = kind(model, world_size, 0) if kind is _whole else layout
-            restore_layer_state(expected, reference, unsharded)
-            for (tensor, _), (ref, _) in zip(layout.items(), reference.items(), strict=True):
-                assert torch.equal(tensor, ref)
-                state, reference_state = restored.state.get(tensor), expected.state.get(ref)
-                assert (state is None) == (reference_state is None)
-                for key, value in (reference_state or {}).items():
-                    same = torch.equal(state[key], value) if torch.is_tensor(value) else None
-                    assert same if same is not None else state[key] == value, key
+            # Whole layers restore into fresh zeros: the reference gets tensors of its own.
+            reference = kind(model, world_size, 0) if kind is _whole else None
+            _assert_restored(restored, layout, unsharded, reference)
         names = sorted(name for _, name in opened)
         assert names == [rank_file(s) for s in range(saved_world)]  # each file once, in all
 
