@@ -306,7 +306,7 @@ def prepare(
         reduce_gradients_in_fp32(accelerator)
     run = config.run if config is not None else None
     if config is not None and config.model.channels_last:
-        levers.to_channels_last(model)
+        levers.to_channels_last(model, accelerator)
     if run is not None and run.compile:
         levers.compile_before_prepare(model, accelerator, run.compile_mode, run.compile_regional)
     prepared_model, prepared_optimizer = accelerator.prepare(model, optimizer)

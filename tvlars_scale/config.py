@@ -255,8 +255,9 @@ class ModelConfig(_Section):
     init: Literal["kaiming_uniform", "timm"] = "kaiming_uniform"
     """Weight init: Kaiming-uniform as in the paper, or timm's own."""
     channels_last: bool = False
-    """NHWC (channels_last) weights and inputs: faster convolutions on tensor-core GPUs (and most
-    CPUs); the results differ from NCHW by float rounding only."""
+    """NHWC (channels_last) inputs and activations, and weights where the engine keeps their layout
+    (one process, DDP; ZeRO and FSDP2 keep them contiguous): faster convolutions on tensor-core
+    GPUs (and most CPUs); the results differ from NCHW by float rounding only."""
     init_from: str | None = None
     """Start from existing weights instead of a fresh init: a checkpoint (.../checkpoints/step-N, or
     a run directory: its newest complete one), an export directory (tvlars-export; a Barlow Twins

@@ -8,8 +8,8 @@ and exports keep the eager names and load into an eager NCHW model, whose output
 the export exactly.
 
 Default run: one process, eager vs channels_last (also the metrics.json / TensorBoard keys and the
-profiler trace). ``pytest -m long``: compile on one process, and channels_last + compile under DDP,
-ZeRO-2 and FSDP2 with two ranks each (torch.compile on this CPU takes minutes per process).
+profiler trace), and channels_last + compile under ZeRO-2 and FSDP2 with two ranks each.
+``pytest -m long``: channels_last + compile on one process and under DDP x 2.
 """
 
 from __future__ import annotations
@@ -121,10 +121,20 @@ def test_profiled_steps_leave_a_trace_that_opens(one_process):
     assert any(e.get("name") == "aten::convolution" for e in events)
 
 
-@pytest.mark.long
-@pytest.mark.parametrize("backend", ["one", "ddp", "zero2", "fsdp2"])
+# ~20-45 s each here. The sharded engines run by default: they are where the layout bites (ZeRO and
+# FSDP2 need contiguous weights).
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("one", marks=pytest.mark.long),
+        pytest.param("ddp", marks=pytest.mark.long),
+        "zero2",
+        "fsdp2",
+    ],
+)
 def test_compiled_channels_last_training_matches_eager(backend, tmp_path):
     train(tmp_path / "eager", backend)
     metrics = train(tmp_path / "levers", backend, *LEVERS_ON)
-    assert metrics["compile_graph_breaks"] >= 0
+    # digits_cnn is plain convolutions, norms and ReLUs: dynamo traces it whole on every backend.
+    assert metrics["compile_graph_breaks"] == 0
     assert_levers_match_eager(tmp_path / "eager", tmp_path / "levers")

@@ -1,11 +1,13 @@
 """Throughput levers: ``model.channels_last`` and ``run.compile``, around Accelerate's ``prepare``.
 
-**channels_last** (NHWC): the weights of 4-D layers are converted before ``prepare`` (the optimizer
-keeps its parameters: ``Module.to`` swaps their data in place), and a forward pre-hook makes every
-4-D input channels_last (a no-op when the augmentation already wrote it so). A convolution runs NHWC
-when its input or its weight is channels_last; that matters under DeepSpeed ZeRO, which flattens the
-weights into contiguous buffers, and FSDP2, which all-gathers them contiguous: there the input's
-layout alone keeps the convolutions NHWC.
+**channels_last** (NHWC): a forward pre-hook makes every 4-D input channels_last (a no-op when the
+augmentation already wrote it so), and under one process and DDP the weights of 4-D layers are
+converted before ``prepare`` too (the optimizer keeps its parameters: ``Module.to`` swaps their data
+in place). A convolution runs NHWC when its input or its weight is channels_last (cuDNN's and
+oneDNN's rule), so under DeepSpeed ZeRO, which flattens the weights into contiguous buffers (its
+broadcast at ``initialize`` refuses any other layout), and FSDP2, which refuses non-contiguous
+parameters and all-gathers them contiguous, the weights stay NCHW and the input's layout alone
+keeps the convolutions, and the activations after them, NHWC.
 
 **compile**: ``nn.Module.compile`` compiles in place, so parameter and buffer names stay the eager
 ones (no ``_orig_mod.``) in checkpoints, exports and the optimizer's layer names. Regional
@@ -13,8 +15,11 @@ compilation (``run.compile_regional``) compiles each repeated block (a timm ResN
 instead of the whole model: blocks of one class and shape share one compiled graph, which cuts
 compile time with the same kernels inside each block. The order follows each backend's docs:
 
-* one process and DDP: after ``prepare``, on the prepared model (PyTorch compiles the DDP-wrapped
-  module, whose DDPOptimizer splits the graph at bucket boundaries) or on its blocks;
+* one process and DDP: after ``prepare``, the unwrapped model (or its blocks) in place. Under DDP
+  its forward then runs inside DDP's, so dynamo's DDPOptimizer still splits the graph at DDP's
+  bucket boundaries (what PyTorch's "compile after wrapping" is for), while DDP's and Accelerate's
+  own wrappers stay eager: compiling the wrapper instead counted 6 graph breaks at DDP's forward
+  on the quick start, none of them in the model;
 * FSDP2: the blocks (or the model) before ``fully_shard`` (torchtitan's and the FSDP2 docs' order);
 * DeepSpeed: ``engine.compile()`` after ``deepspeed.initialize`` (DeepSpeed's documented API; it
   compiles the whole module, its ZeRO hooks decide the rest).
@@ -41,9 +46,15 @@ __all__ = [
 ]
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """NHWC weights (4-D parameters and buffers) and inputs, in place; returns ``model``."""
-    model.to(memory_format=torch.channels_last)
+def to_channels_last(model: nn.Module, accelerator: Accelerator | None = None) -> nn.Module:
+    """NHWC inputs and, where the backend keeps the parameters' layout (one process, DDP), NHWC
+    weights (4-D parameters and buffers), in place; returns ``model``."""
+    sharded = accelerator is not None and accelerator.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.FSDP,
+    )
+    if not sharded:
+        model.to(memory_format=torch.channels_last)
     model.register_forward_pre_hook(_inputs_to_channels_last)
     return model
 
@@ -94,17 +105,15 @@ def compile_before_prepare(
 def compile_after_prepare(
     prepared: nn.Module, accelerator: Accelerator, mode: str, regional: bool
 ) -> None:
-    """One process, DDP: compile the prepared model (or its blocks); DeepSpeed: the engine's own
-    ``compile``; FSDP2: done before ``prepare``."""
+    """One process, DDP: compile the unwrapped model (or its blocks) in place; DeepSpeed: the
+    engine's own ``compile``; FSDP2: done before ``prepare``."""
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         return
     if kind == DistributedType.DEEPSPEED:
         prepared.compile(compile_kwargs={"mode": mode})
-    elif regional and repeated_blocks(accelerator.unwrap_model(prepared)):
-        compile_in_place(accelerator.unwrap_model(prepared), mode, regional=True)
     else:
-        prepared.compile(mode=mode)
+        compile_in_place(accelerator.unwrap_model(prepared), mode, regional)
 
 
 def graph_breaks() -> dict[str, int]:
