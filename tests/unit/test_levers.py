@@ -21,7 +21,12 @@ from tvlars_scale.checkpoint.layer_state import (
 from tvlars_scale.models import build_model
 from tvlars_scale.optim import TVLARS, layerwise_param_groups
 from tvlars_scale.train import main as train_main
-from tvlars_scale.training.levers import compile_in_place, repeated_blocks, to_channels_last
+from tvlars_scale.training.levers import (
+    compile_in_place,
+    graph_breaks,
+    repeated_blocks,
+    to_channels_last,
+)
 from tvlars_scale.training.reporting import peak_bf16_flops, train_flops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,3 +133,19 @@ def test_dry_run_accepts_the_levers_and_writes_nothing(tmp_path, capsys):
     assert "compile: true" in resolved and "compile_mode: max-autotune" in resolved
     assert "channels_last: true" in resolved
     assert not (tmp_path / "run").exists()
+
+
+def test_graph_breaks_are_counted_by_the_first_line_of_their_reason():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+
+    @torch.compile(backend="eager")  # dynamo only: no inductor build
+    def broken(x):
+        torch._dynamo.graph_break()
+        return x * 2
+
+    for _ in range(3):  # compiled once: counted once
+        broken(torch.ones(2))
+    [(reason, count)] = graph_breaks().items()
+    assert count == 1 and "\n" not in reason and reason in str(dict(counters["graph_break"]))

@@ -117,7 +117,11 @@ def compile_after_prepare(
 
 
 def graph_breaks() -> dict[str, int]:
-    """Graph breaks so far in this process, by reason (dynamo's counters; empty without compile)."""
+    """Graph breaks so far in this process by reason, most frequent first (dynamo's counters, keyed
+    by each reason's first line: the rest is hints and debug context; empty without compile)."""
     from torch._dynamo.utils import counters
 
-    return dict(counters["graph_break"])
+    reasons: Counter[str] = Counter()
+    for reason, count in counters["graph_break"].items():
+        reasons[reason.strip().split("\n", 1)[0]] += count
+    return dict(reasons.most_common())

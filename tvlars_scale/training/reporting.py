@@ -184,8 +184,15 @@ class RunReport:
         if self.compiled:
             breaks = graph_breaks()
             summary["compile_graph_breaks"] = sum(breaks.values())
-            reasons = "; ".join(f"{count}x {reason}" for reason, count in breaks.items())
-            self.print(f"torch.compile: {summary['compile_graph_breaks']} graph breaks {reasons}")
+            if breaks:  # one line: the three commonest reasons; TORCH_LOGS=graph_breaks says where
+                top = "; ".join(f"{count}x {reason}" for reason, count in list(breaks.items())[:3])
+                more = f"; {len(breaks) - 3} more reasons" if len(breaks) > 3 else ""
+                self.print(
+                    f"torch.compile: {summary['compile_graph_breaks']} graph breaks ({top}{more}; "
+                    "TORCH_LOGS=graph_breaks shows where)"
+                )
+            else:
+                self.print("torch.compile: 0 graph breaks")
         return summary
 
     def _mfu(self, samples_per_second: float) -> float | str:
