@@ -332,7 +332,9 @@ def optimizer(
         kwargs["delay_steps"] = epochs_to_steps(kwargs.pop("delay_epochs"), steps_per_epoch)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    groups = layerwise_param_groups(network, optim.weight_decay)
+    # The layer-wise optimizers' exclude_1d decides the groups too (SGD / AdamW: always two groups).
+    exclude_1d = kwargs.get("exclude_1d", True)
+    groups = layerwise_param_groups(network, optim.weight_decay, exclude_1d=exclude_1d)
     return _OPTIMIZERS[optim.name](groups, **kwargs)
 
 

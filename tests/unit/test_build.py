@@ -87,6 +87,15 @@ def test_optimizer_gets_the_sections_fields(optim, cls, expected):
     assert [p.ndim for p in not_decayed["params"]] == [1, 1]  # the two biases
 
 
+@pytest.mark.parametrize("name", ["tvlars", "tvlars_official", "lars", "lamb"])
+def test_exclude_1d_false_decays_and_adapts_the_biases_too(name):
+    model = tiny_model()
+    cfg = config(optim={"name": name, "exclude_1d": False, "weight_decay": 5e-4}).optim
+    [group] = build.optimizer(cfg, model, lr=7.0, steps_per_epoch=4).param_groups
+    assert group["weight_decay"] == 5e-4 and group["adapt"] and not group["exclude_1d"]
+    assert len(group["params"]) == len(list(model.parameters()))  # the biases with the weights
+
+
 @pytest.mark.parametrize(("rule", "expected"), [("none", 2.0), ("linear", 8.0), ("sqrt", 4.0)])
 def test_peak_lr_is_scaled_from_the_plan(rule, expected):
     cfg = config(

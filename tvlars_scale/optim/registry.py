@@ -21,14 +21,19 @@ OPTIMIZERS = {
 }
 
 
-def layerwise_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def layerwise_param_groups(
+    model: nn.Module, weight_decay: float, *, exclude_1d: bool = True
+) -> list[dict]:
     """The usual two groups: weights of >= 2 dims are decayed and adapted; 1-D parameters and biases
-    (norm layers' affine, biases) get neither. Parameter names travel with the groups for telemetry."""
+    (norm layers' affine, biases) get neither. ``exclude_1d=False``: one group, every parameter
+    decayed and adapted (the layer-wise optimizers' ``exclude_1d=False``). Parameter names travel
+    with the groups for telemetry."""
     decay, no_decay = ([], []), ([], [])
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        target = no_decay if param.ndim <= 1 or name.endswith(".bias") else decay
+        excluded = exclude_1d and (param.ndim <= 1 or name.endswith(".bias"))
+        target = no_decay if excluded else decay
         target[0].append(param)
         target[1].append(name)
     groups = [
