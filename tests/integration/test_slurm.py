@@ -24,7 +24,7 @@ import yaml
 from fake_slurm import FakeJob
 from launching import REPO_ROOT, read_metrics
 from test_resume import assert_same_checkpoint, checkpoint, steps
-from test_streaming_resume import make_tree
+from test_streaming_resume import STREAMED, make_tree
 
 pytestmark = [pytest.mark.distributed]
 
@@ -75,20 +75,7 @@ MEMORY = {
     "optim": {"name": "tvlars", "lr": 4.0, "lmbda": 0.05, "delay_epochs": 0.5},
     "schedule": {"name": "warmup_cosine", "warmup_epochs": 0.5},
 }
-STREAM = {  # as tests/integration/test_streaming_resume.py: 4 steps per epoch
-    "data": {
-        "name": "imagenet",
-        "storage": "stream",
-        "image_size": 32,
-        "crop_scale": [0.25, 1.0],
-        "num_workers": 2,
-    },
-    "model": {"name": "resnet18"},
-    "batch": {"global_batch_size": 16, "micro_batch_size": 4},
-    "optim": {"name": "lars", "lr": 2.0, "weight_decay": 5.0e-5},
-    "schedule": {"name": "poly", "warmup_epochs": 0.5, "power": 2.0},
-    "task": {"name": "classification", "label_smoothing": 0.1},
-}
+STREAM = STREAMED  # tests/integration/test_streaming_resume.py's: 4 steps per epoch
 # (sections, STRATEGY, epochs, checkpoint cadence). Neither is ZeRO: DeepSpeed on CPU JIT-builds its
 # shared-memory op under a lock in ~/.cache/torch_extensions that a killed build leaves behind.
 # data kind -> (config sections, STRATEGY of the script, epochs, checkpoint every N steps)

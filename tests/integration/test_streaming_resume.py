@@ -39,7 +39,27 @@ def make_tree(root: Path) -> Path:
     return root
 
 
-def write_config(directory: Path, tree: Path, run_dir: Path) -> Path:
+STREAMED = {  # the streamed-ImageNet run of these tests (test_bt_streaming_resume and test_slurm too)
+    "data": {
+        "name": "imagenet",
+        "storage": "stream",
+        "image_size": 32,
+        "crop_scale": [0.25, 1.0],
+        "num_workers": 2,
+    },
+    # BatchNorm: its running statistics are per rank under ZeRO (no buffer broadcast as in DDP),
+    # so the evaluation after the resume matches only if every rank gets its own back.
+    "model": {"name": "resnet18"},
+    "batch": {"global_batch_size": 16, "micro_batch_size": 4},
+    "optim": {"name": "lars", "lr": 2.0, "weight_decay": 5.0e-5},
+    "schedule": {"name": "poly", "warmup_epochs": 0.5, "power": 2.0},
+    "task": {"name": "classification", "label_smoothing": 0.1},
+}
+
+
+def write_config(directory: Path, tree: Path, run_dir: Path, **sections: dict) -> Path:
+    """STREAMED over ``tree`` into ``run_dir`` (2 epochs, checkpoints every EVERY steps), with
+    ``sections`` replacing its sections."""
     config = {
         "run": {
             "output_dir": str(run_dir),
@@ -48,23 +68,11 @@ def write_config(directory: Path, tree: Path, run_dir: Path) -> Path:
             "trackers": [],
             "progress_bar": False,
         },
-        "data": {
-            "name": "imagenet",
-            "path": str(tree),
-            "storage": "stream",
-            "image_size": 32,
-            "crop_scale": [0.25, 1.0],
-            "num_workers": 2,
-        },
-        # BatchNorm: its running statistics are per rank under ZeRO (no buffer broadcast as in DDP),
-        # so the evaluation after the resume matches only if every rank gets its own back.
-        "model": {"name": "resnet18"},
-        "batch": {"global_batch_size": 16, "micro_batch_size": 4},
-        "optim": {"name": "lars", "lr": 2.0, "weight_decay": 5.0e-5},
-        "schedule": {"name": "poly", "warmup_epochs": 0.5, "power": 2.0},
-        "task": {"name": "classification", "label_smoothing": 0.1},
+        **STREAMED,
+        **sections,
         "checkpoint": {"every_steps": EVERY, "keep_last": 100},
     }
+    config["data"] = {**config["data"], "path": str(tree)}
     path = directory / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -85,14 +93,18 @@ def accelerate(config: Path, *overrides: str, kill: str | None = None):
     )
 
 
-def test_zero2_streaming_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
+def killed_and_resumed(tmp_path: Path, **sections: dict) -> tuple[Path, Path, str]:
+    """The uninterrupted reference run, then the same run SIGKILLed after step 5 and resumed with
+    ``checkpoint.resume=auto``, both under ZeRO-2 x 2 (``sections`` as in :func:`write_config`);
+    the checkpoints after the resume must equal the reference's bitwise. Returns the reference's
+    and the resumed run's directories and the reference's stdout."""
     tree = make_tree(tmp_path / "tree")
     reference_dir, faulty_dir = tmp_path / "reference", tmp_path / "faulty"
-    reference = accelerate(write_config(tmp_path, tree, reference_dir))
+    reference = accelerate(write_config(tmp_path, tree, reference_dir, **sections))
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
     assert steps(reference_dir) == [3, 6, 8]
 
-    config = write_config(tmp_path, tree, faulty_dir)
+    config = write_config(tmp_path, tree, faulty_dir, **sections)
     killed = accelerate(config, kill="boundary:5")
     assert killed.returncode != 0 and steps(faulty_dir) == [3]
     resumed = accelerate(config, "checkpoint.resume=auto")
@@ -101,4 +113,9 @@ def test_zero2_streaming_run_killed_and_resumed_matches_the_uninterrupted_run(tm
     assert steps(faulty_dir) == [3, 6, 8]
     for step in (6, 8):
         assert_same_checkpoint(checkpoint(faulty_dir, step), checkpoint(reference_dir, step))
+    return reference_dir, faulty_dir, reference.stdout
+
+
+def test_zero2_streaming_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
+    _, faulty_dir, _ = killed_and_resumed(tmp_path)
     assert os.path.exists(faulty_dir / "metrics.json")
