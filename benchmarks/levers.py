@@ -1,16 +1,19 @@
 """The throughput levers on this machine: a ResNet-50 training step, eager NCHW against
-``model.channels_last``, ``run.compile`` and both.
+``model.channels_last``, ``run.compile`` and both, and whole-model against regional compilation.
 
 One training step = forward, cross-entropy, backward and an SGD step (momentum, foreach) on a
 synthetic batch of ImageNet-shaped images at a small side (default 64 px: the CPU's budget). Every
 variant starts from the same weights and is built with the trainer's own levers
 (:mod:`tvlars_scale.training.levers`: NHWC weights and inputs; in-place ``torch.compile`` per
-residual block). Its first step (the compile, for the compiled variants) is timed apart as the
-lever's cost; then the variants are interleaved round by round, so that machine noise hits them
-alike, and the medians over all timed steps are compared against eager NCHW, the named baseline.
+residual block, the default, or the whole model as one graph: ``compile_whole``). Its first step
+(the compile, for the compiled variants) is timed apart as the lever's cost, each compile in a
+fresh, empty inductor cache (no variant reuses another's kernels, nor an earlier run's); then the
+variants are interleaved round by round, so that machine noise hits them alike, and the medians
+over all timed steps are compared against eager NCHW, the named baseline.
 
-Prints a table, then one JSON line with ``channels_last_ratio``, ``compile_ratio`` and
-``both_ratio`` (eager step time / lever step time: above 1 the lever is faster).
+Prints a table, then one JSON line with ``channels_last_ratio``, ``compile_ratio``,
+``both_ratio`` and ``compile_whole_ratio`` (eager step time / lever step time: above 1 the lever
+is faster) and ``regional_compile_speedup`` (whole-model compile time / regional compile time).
 ``nice -n 10 python benchmarks/levers.py [--size 64] [--batch 16] [--rounds 5] [--steps 2]``.
 """
 
@@ -20,19 +23,22 @@ import argparse
 import copy
 import json
 import statistics
+import tempfile
 import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import fresh_cache
 
 from tvlars_scale.training.levers import compile_in_place, graph_breaks, to_channels_last
 
-VARIANTS = {  # name -> (channels_last, compile)
-    "eager_nchw": (False, False),
-    "channels_last": (True, False),
-    "compile": (False, True),
-    "both": (True, True),
+VARIANTS = {  # name -> (channels_last, compile: None, "regional" or "whole")
+    "eager_nchw": (False, None),
+    "channels_last": (True, None),
+    "compile": (False, "regional"),
+    "both": (True, "regional"),
+    "compile_whole": (False, "whole"),
 }
 
 
@@ -65,16 +71,20 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (args.batch,))
     steps, first_step, times = {}, {}, {}
+    caches = tempfile.TemporaryDirectory(prefix="levers-inductor-")
     for name, (channels_last, compiled) in VARIANTS.items():
         model = copy.deepcopy(template).train()
         if channels_last:
             to_channels_last(model)
         if compiled:
-            compile_in_place(model)
+            compile_in_place(model, regional=compiled == "regional")
         steps[name] = make_step(model, images, labels)
-        start = time.perf_counter()
-        steps[name]()  # the compile, for the compiled variants; not in the medians
-        first_step[name] = time.perf_counter() - start
+        # The compile, for the compiled variants (not in the medians), from empty caches: PyTorch's
+        # own helper for that clears the in-memory caches and points inductor at a new directory.
+        with fresh_cache(dir=caches.name, delete=False):
+            start = time.perf_counter()
+            steps[name]()
+            first_step[name] = time.perf_counter() - start
         times[name] = []
     for _ in range(args.rounds):
         for name, step in steps.items():
@@ -109,9 +119,12 @@ def main() -> None:
         "channels_last_ratio": round(eager / medians["channels_last"], 3),
         "compile_ratio": round(eager / medians["compile"], 3),
         "both_ratio": round(eager / medians["both"], 3),
+        "compile_whole_ratio": round(eager / medians["compile_whole"], 3),
+        "regional_compile_speedup": round(first_step["compile_whole"] / first_step["compile"], 2),
         "graph_breaks": sum(graph_breaks().values()),
     }
     print(json.dumps(result))
+    caches.cleanup()
 
 
 if __name__ == "__main__":
