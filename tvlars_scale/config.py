@@ -140,9 +140,11 @@ class RunConfig(_Section):
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "default"
     """torch.compile's mode (run.compile)."""
-    compile_regional: bool = True
-    """run.compile per repeated block (a ResNet's residual blocks: one graph per block shape, less
-    compile time) where the model has such blocks; false: the whole model as one graph."""
+    compile_regional: bool = False
+    """run.compile per repeated block (one graph per block shape: meant for models of many
+    identical blocks, such as transformers) where the model has such blocks; false: the whole
+    model as one graph. For ResNet-50 whole-model is faster (benchmarks/levers.py: regional steps
+    ran 20% slower on the CPU, every block boundary a layout change, for no shorter compile)."""
     ema: EMAConfig | None = None
     """{decay: 0.9998, warmup_steps: 0, every_steps: 1}: an fp32 exponential moving average of the
     weights (and floating-point buffers), sharded like the master weights, checkpointed per layer,

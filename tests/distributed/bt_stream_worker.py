@@ -5,22 +5,20 @@ DDP); and the one-process reference: each step's loss over the whole global batc
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, reduce
+from accelerate.utils import InitProcessGroupKwargs
 from PIL import Image
+from uneven_worker import train_prepared
 
 from tvlars_scale import build
-from tvlars_scale.accelerate_setup import StepAccumulation
 from tvlars_scale.batching import plan_batches
 from tvlars_scale.config import load_config
 from tvlars_scale.data import open_streaming
-from tvlars_scale.tasks import MicroBatches
 from tvlars_scale.tasks.barlow_twins import BarlowTwinsTask, barlow_twins_loss
 
 SIDE, SEED, LR, NUM_STEPS = 16, 3, 0.05, 2
@@ -84,18 +82,7 @@ def train_ranks(root: str, exact: bool) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     batches = streamed_batches(config, data, plan, rank)
-    losses = []
-    for _ in range(NUM_STEPS):
-        accelerator.step = 0
-        accumulation = StepAccumulation(accelerator, model, nullcontext(), 0, plan)
-        loss = task.forward_backward(
-            model, MicroBatches(batches, plan.grad_accum_steps), accumulation
-        )
-        prepared_optimizer.step()
-        prepared_optimizer.zero_grad(set_to_none=True)
-        losses.append(float(reduce(loss, reduction="mean")))  # collective: the logged mean
-    params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
-    return {"plan": plan, "params": params, "losses": losses}
+    return train_prepared(accelerator, model, prepared_optimizer, task, batches, plan, NUM_STEPS)
 
 
 def both(root: str) -> dict:

@@ -75,15 +75,24 @@ def train_ranks(optimizer_name: str, global_batch_size: int, micro_batch_size: i
     model, optimizer = float64_model_and_optimizer(optimizer_name)
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     batches = iter(loader(plan, dist.get_rank(), *make_data(global_batch_size)))
-    task, losses = CrossEntropyTask(), []
-    for _ in range(NUM_STEPS):
+    return train_prepared(
+        accelerator, model, prepared_optimizer, CrossEntropyTask(), batches, plan, NUM_STEPS
+    )
+
+
+def train_prepared(accelerator, model, optimizer, task: Task, batches, plan, num_steps) -> dict:
+    """``num_steps`` optimizer steps of the trainer's accumulation (``StepAccumulation``) on what
+    ``accelerator.prepare`` returned; the plan, the final parameters and each step's loss as the
+    trainer logs it (the data-parallel mean of the ranks' returned losses)."""
+    losses = []
+    for _ in range(num_steps):
         accelerator.step = 0
         accumulation = StepAccumulation(accelerator, model, nullcontext(), 0, plan)
         loss = task.forward_backward(
             model, MicroBatches(batches, plan.grad_accum_steps), accumulation
         )
-        prepared_optimizer.step()
-        prepared_optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(float(reduce(loss, reduction="mean")))  # collective: the logged mean
     params = {name: p.detach().clone() for name, p in model.module.named_parameters()}
     return {"plan": plan, "params": params, "losses": losses}

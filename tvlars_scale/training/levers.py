@@ -10,10 +10,13 @@ parameters and all-gathers them contiguous, the weights stay NCHW and the input'
 keeps the convolutions, and the activations after them, NHWC.
 
 **compile**: ``nn.Module.compile`` compiles in place, so parameter and buffer names stay the eager
-ones (no ``_orig_mod.``) in checkpoints, exports and the optimizer's layer names. Regional
-compilation (``run.compile_regional``) compiles each repeated block (a timm ResNet's Bottlenecks)
-instead of the whole model: blocks of one class and shape share one compiled graph, which cuts
-compile time with the same kernels inside each block. The order follows each backend's docs:
+ones (no ``_orig_mod.``) in checkpoints, exports and the optimizer's layer names. By default the
+whole model is one graph. Regional compilation (``run.compile_regional``) compiles each repeated
+block instead (blocks of one class and shape share one graph): it is for models of many identical
+blocks (transformers). A CNN's graph boundaries cost: inductor computes convolutions NHWC inside a
+graph (always on the CPU) and hands back eager's layout at each boundary, so ResNet-50's regional
+steps ran 20% slower on the CPU than whole-model ones, for no shorter compile (benchmarks/levers.py).
+The order follows each backend's docs:
 
 * one process and DDP: after ``prepare``, the unwrapped model (or its blocks) in place. Under DDP
   its forward then runs inside DDP's, so dynamo's DDPOptimizer still splits the graph at DDP's
@@ -86,7 +89,7 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if id(block) not in inner]
 
 
-def compile_in_place(model: nn.Module, mode: str = "default", regional: bool = True) -> None:
+def compile_in_place(model: nn.Module, mode: str = "default", regional: bool = False) -> None:
     """``nn.Module.compile`` on ``model``'s repeated blocks (``regional`` and it has some), else on
     the whole model; the names of parameters and buffers do not change."""
     blocks = repeated_blocks(model) if regional else []
