@@ -422,6 +422,25 @@ MUTANTS = (
         ),
     ),
     Mutant(
+        "channels_last_weights_under_sharding",
+        "model.channels_last: NHWC weights under ZeRO / FSDP2 too (both refuse strided weights)",
+        "tvlars_scale/training/levers.py",
+        "    if not sharded:\n        model.to(memory_format=torch.channels_last)\n",
+        "    model.to(memory_format=torch.channels_last)\n",
+        (
+            f"{UNIT}/test_levers.py::"
+            "test_under_zero_and_fsdp2_the_weights_stay_contiguous_and_the_convolutions_run_nhwc",
+        ),
+    ),
+    Mutant(
+        "exclude_1d_key_ignored",
+        "optim.exclude_1d=false: the trainer's groups exclude 1-D parameters anyway",
+        "tvlars_scale/optim/registry.py",
+        '        excluded = exclude_1d and (param.ndim <= 1 or name.endswith(".bias"))\n',
+        '        excluded = param.ndim <= 1 or name.endswith(".bias")\n',
+        (f"{UNIT}/test_build.py::test_exclude_1d_false_decays_and_adapts_the_biases_too",),
+    ),
+    Mutant(
         "unknown_keys_ignored",
         "config: unknown keys silently ignored",
         "tvlars_scale/config.py",
