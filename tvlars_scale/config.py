@@ -144,7 +144,8 @@ class RunConfig(_Section):
     """run.compile per repeated block (one graph per block shape: meant for models of many
     identical blocks, such as transformers) where the model has such blocks; false: the whole
     model as one graph. For ResNet-50 whole-model is faster (benchmarks/levers.py: regional steps
-    ran 20% slower on the CPU, every block boundary a layout change, for no shorter compile)."""
+    took 1.25-1.33x as long on the CPU, every block boundary a layout change, for no shorter
+    compile)."""
     ema: EMAConfig | None = None
     """{decay: 0.9998, warmup_steps: 0, every_steps: 1}: an fp32 exponential moving average of the
     weights (and floating-point buffers), sharded like the master weights, checkpointed per layer,

@@ -15,7 +15,8 @@ whole model is one graph. Regional compilation (``run.compile_regional``) compil
 block instead (blocks of one class and shape share one graph): it is for models of many identical
 blocks (transformers). A CNN's graph boundaries cost: inductor computes convolutions NHWC inside a
 graph (always on the CPU) and hands back eager's layout at each boundary, so ResNet-50's regional
-steps ran 20% slower on the CPU than whole-model ones, for no shorter compile (benchmarks/levers.py).
+steps took 1.25-1.33x as long as whole-model ones on the CPU, for no shorter compile
+(benchmarks/levers.py).
 The order follows each backend's docs:
 
 * one process and DDP: after ``prepare``, the unwrapped model (or its blocks) in place. Under DDP
