@@ -1,7 +1,8 @@
 """The training loop's wing: throughput levers, speed reporting, and recipe pieces.
 
-* :mod:`~tvlars_scale.training.levers`: ``model.channels_last`` (NHWC weights and inputs) and
-  ``run.compile`` (``torch.compile``, per block where the model repeats blocks), applied around
+* :mod:`~tvlars_scale.training.levers`: ``model.channels_last`` (NHWC inputs, and weights where
+  the engine keeps their layout) and ``run.compile`` (``torch.compile`` of the whole model, or of
+  its repeated blocks with ``run.compile_regional``), applied around
   Accelerate's ``prepare`` in the order each backend documents;
 * :mod:`~tvlars_scale.training.reporting`: model FLOPs per sample, MFU, peak memory, the data-wait
   fraction and the ``run.profile`` trace;
