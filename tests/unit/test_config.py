@@ -162,6 +162,15 @@ def test_resolved_yaml_round_trips(base_yaml, tmp_path):
         (["optim.lr"], "optim.lr", "expected key=value"),
         (["schedule.warmup_epochs=5"], "schedule.warmup_epochs", "warmup_cosine"),
         (["optim.name=tvlars_official", "optim.alpha=0.5"], "optim.alpha", "tvlars_official"),
+        # The recipe pieces: batch augmentation and init_from.
+        (["data.augment=autoaugment"], "data.augment", "input should be 'none', 'randaugment'"),
+        (["data.mixup_alpha=-0.2"], "data.mixup_alpha", "greater than or equal to 0"),
+        (["data.cutmix_alpha=one"], "data.cutmix_alpha", "valid number"),
+        (["data.mixup_prob=1.5"], "data.mixup_prob", "less than or equal to 1"),
+        (["data.mixup_switch_prob=0.2"], "data.mixup_switch_prob", "is read only with"),
+        (["task.name=barlow_twins", "data.mixup_alpha=0.2"], "data.mixup_alpha", "classification"),
+        (["task.name=barlow_twins", "data.augment=randaugment"], "data.augment", "classification"),
+        (["task.name=barlow_twins", "model.init_from=x"], "model.init_from", "classification"),
     ],
 )
 def test_invalid_values_name_the_key(base_yaml, overrides, key, fragment):
