@@ -429,7 +429,7 @@ MUTANTS = (
         "    model.to(memory_format=torch.channels_last)\n",
         (
             f"{UNIT}/test_levers.py::"
-            "test_under_zero_and_fsdp2_the_weights_stay_contiguous_and_the_convolutions_run_nhwc",
+            "test_channels_last_gives_nhwc_inputs_and_activations_and_nhwc_weights_unless_sharded",
         ),
     ),
     Mutant(

@@ -49,41 +49,32 @@ def test_compiling_in_place_keeps_the_eager_names(regional):
     assert not any("_orig_mod" in name for name in names)
 
 
-def test_channels_last_gives_nhwc_weights_and_inputs():
-    torch.manual_seed(0)
-    model = build_model("resnet18", 10, image_size=32)
-    reference = copy.deepcopy(model).eval()
-    to_channels_last(model).eval()
-    conv = model.conv1.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    seen = []
-    model.layer1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(images), reference(images), rtol=1e-4, atol=1e-4
-        )  # sums in NHWC order
-    assert seen[0].is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize("engine", [DistributedType.DEEPSPEED, DistributedType.FSDP])
-def test_under_zero_and_fsdp2_the_weights_stay_contiguous_and_the_convolutions_run_nhwc(engine):
+@pytest.mark.parametrize("engine", [None, DistributedType.DEEPSPEED, DistributedType.FSDP])
+def test_channels_last_gives_nhwc_inputs_and_activations_and_nhwc_weights_unless_sharded(engine):
     # ZeRO's broadcast at initialize views each weight as bytes and FSDP2 refuses strided
-    # parameters: both need contiguous weights. The NHWC input alone makes the convolution (and
-    # so everything after it) NHWC.
+    # parameters: under them the weights stay contiguous, and the NHWC input alone makes the
+    # convolutions (and so everything after them) NHWC.
     torch.manual_seed(0)
     model = build_model("resnet18", 10, image_size=32)
     reference = copy.deepcopy(model).eval()
-    to_channels_last(model, SimpleNamespace(distributed_type=engine)).eval()
-    assert all(p.is_contiguous() for p in model.parameters())
-    seen = []
-    model.layer4.register_forward_hook(lambda module, args, out: seen.append(out))
+    accelerator = None if engine is None else SimpleNamespace(distributed_type=engine)
+    to_channels_last(model, accelerator).eval()
+    conv = model.conv1.weight
+    if engine is None:
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    else:
+        assert all(p.is_contiguous() for p in model.parameters())
+    inputs, outputs = [], []
+    model.layer1.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    model.layer4.register_forward_hook(lambda module, args, out: outputs.append(out))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(
             model(images), reference(images), rtol=1e-4, atol=1e-4
         )  # sums in NHWC order
-    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert inputs[0].is_contiguous(memory_format=torch.channels_last)
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last)
+    assert not outputs[0].is_contiguous()
 
 
 def test_layer_state_of_a_channels_last_model_restores_into_nchw():
